@@ -1,0 +1,34 @@
+"""blockkey: protect image classifiers with a secret key (block-wise keyed transforms).
+
+Implements MaungMaung & Kiya, "A Protection Method of Trained CNN Model with Secret Key from
+Unauthorized Access" (APSIPA Trans. 2021, arXiv 2105.14756) on current PyTorch.
+"""
+
+from __future__ import annotations
+
+from .errors import BlockkeyError, ImageFileError, KeyFileError, KeyMismatchError, ShapeError
+from .functional import Plan, compile_plan, decrypt, decrypt_codes, encrypt, encrypt_codes
+from .keys import FFX, KeySet, NegPos, Shuffle
+from .transforms import KeyedTransform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FFX",
+    "BlockkeyError",
+    "ImageFileError",
+    "KeyFileError",
+    "KeyMismatchError",
+    "KeySet",
+    "KeyedTransform",
+    "NegPos",
+    "Plan",
+    "ShapeError",
+    "Shuffle",
+    "__version__",
+    "compile_plan",
+    "decrypt",
+    "decrypt_codes",
+    "encrypt",
+    "encrypt_codes",
+]

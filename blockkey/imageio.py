@@ -1,0 +1,113 @@
+"""Image files <-> uint8 / code tensors, losslessly.
+
+Plain images are read with Pillow (any format it reads; palette images are expanded). Ciphertexts
+are PNG: 8-bit when every code fits a byte (shuffle, negpos), 16-bit when FFX codes (0..999) are
+present. 16-bit PNGs are read and written with pypng because Pillow reduces 16-bit RGB to 8 bits.
+Lossy output formats are refused: they would destroy a ciphertext.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import png
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from .errors import ImageFileError
+
+__all__ = ["LOSSLESS_SUFFIXES", "check_output_suffix", "read_codes", "read_image", "sample_image", "write_png"]
+
+LOSSLESS_SUFFIXES = (".png",)
+_LOSSY = {".jpg", ".jpeg", ".jfif", ".webp", ".heic", ".heif", ".avif", ".gif", ".jp2"}
+
+
+def check_output_suffix(path: str | os.PathLike[str]) -> None:
+    """Refuse anything but PNG for a file blockkey writes (clear message for lossy formats)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in _LOSSY:
+        raise ImageFileError(f"{path}: {suffix} is lossy (or palette-quantised) and would corrupt the pixels; use .png")
+    if suffix not in LOSSLESS_SUFFIXES:
+        raise ImageFileError(f"{path}: unsupported output format {suffix or '(none)'!r}; use .png")
+
+
+def _to_chw(arr: np.ndarray) -> Tensor:
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def read_image(path: str | os.PathLike[str]) -> Tensor:
+    """An 8-bit image file -> uint8 tensor ``(C, H, W)``; C is 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif im.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("L" if im.mode == "1" else "RGB")
+            if im.mode not in ("L", "LA", "RGB", "RGBA"):
+                raise ImageFileError(f"{path}: {im.mode} images are not supported; blockkey works on 8-bit pixels")
+            arr = np.asarray(im)
+    except FileNotFoundError:
+        raise ImageFileError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, ImageFileError):
+            raise
+        raise ImageFileError(f"{path}: cannot read image ({e})") from None
+    return _to_chw(arr)
+
+
+def read_codes(path: str | os.PathLike[str]) -> Tensor:
+    """A ciphertext PNG (8- or 16-bit) -> integer tensor ``(C, H, W)`` (uint8 or int16), exact."""
+    try:
+        width, height, rows, info = png.Reader(filename=os.fspath(path)).asDirect()
+        arr = np.vstack([np.asarray(r) for r in rows])
+    except FileNotFoundError:
+        raise ImageFileError(f"{path}: no such file") from None
+    except (png.Error, OSError, ValueError) as e:
+        raise ImageFileError(f"{path}: not a readable PNG ciphertext ({e})") from None
+    planes = info["planes"]
+    arr = arr.reshape(height, width, planes)
+    dtype = np.int16 if info["bitdepth"] > 8 else np.uint8
+    if info["bitdepth"] > 8 and arr.max(initial=0) > np.iinfo(np.int16).max:
+        raise ImageFileError(f"{path}: 16-bit values above 32767 cannot be blockkey codes")
+    return _to_chw(arr.astype(dtype))
+
+
+def write_png(path: str | os.PathLike[str], x: Tensor, *, overwrite: bool = False) -> Path:
+    """Write a ``(C, H, W)`` integer tensor as PNG: 8-bit if it fits, else 16-bit. Atomic."""
+    path = Path(path)
+    check_output_suffix(path)
+    if x.dim() != 3 or x.shape[0] not in (1, 2, 3, 4):
+        raise ImageFileError(f"{path}: expected a (C, H, W) image with C in 1..4; got shape {tuple(x.shape)}")
+    if x.is_floating_point():
+        raise ImageFileError(f"{path}: write_png takes integer pixels or codes; got {x.dtype}")
+    if path.exists() and not overwrite:
+        raise ImageFileError(f"{path} exists; refusing to overwrite (use --force)")
+    arr = x.detach().cpu().to(torch.int32).numpy().transpose(1, 2, 0)
+    lo, hi = int(arr.min(initial=0)), int(arr.max(initial=0))
+    if lo < 0 or hi > 65535:
+        raise ImageFileError(f"{path}: values {lo}..{hi} do not fit a PNG")
+    c = arr.shape[2]
+    bitdepth = 8 if (x.dtype == torch.uint8 or hi <= 255) and x.dtype != torch.int16 else 16
+    writer = png.Writer(
+        width=arr.shape[1], height=arr.shape[0], greyscale=c in (1, 2), alpha=c in (2, 4), bitdepth=bitdepth
+    )
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            writer.write(f, arr.reshape(arr.shape[0], -1).astype(np.uint16 if bitdepth == 16 else np.uint8))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def sample_image() -> Tensor:
+    """The embedded sample: 16 CIFAR-10 training images (Krizhevsky 2009) as one 128x128 RGB mosaic."""
+    with resources.as_file(resources.files("blockkey") / "data" / "sample.png") as p:
+        return read_image(p)

@@ -1,0 +1,465 @@
+"""Key sets: generation from OS entropy or a KDF, the JSON key file, fingerprints, key space.
+
+A :class:`KeySet` holds the block size ``M``, the channel count ``C`` and an ordered tuple of
+steps (:class:`Shuffle`, :class:`NegPos`, :class:`FFX`). Every step acts on block vectors of
+length ``L = M*M*C`` flattened in (row, col, channel) order, channel fastest.
+
+Secret randomness lives only in this module: :meth:`KeySet.generate` draws from the operating
+system (:mod:`secrets`), :meth:`KeySet.derive` from scrypt. The global RNGs of ``random``, NumPy
+and torch are never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets
+import string
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = [
+    "FFX",
+    "KEY_FORMAT",
+    "KEY_FORMAT_VERSION",
+    "SCRYPT_PARAMS",
+    "STEP_NAMES",
+    "KeyFileError",
+    "KeySet",
+    "NegPos",
+    "Shuffle",
+    "ffx_table",
+    "parse_recipe",
+]
+
+KEY_FORMAT = "blockkey.keyset"
+KEY_FORMAT_VERSION = 1
+LAYOUT = "row,col,channel"
+#: scrypt cost parameters for :meth:`KeySet.derive` (about 32 MiB and 0.1 s per derivation).
+SCRYPT_PARAMS = {"n": 2**15, "r": 8, "p": 1}
+_GENERATED_PASSWORD_BYTES = 16  # 128 bits of OS entropy, written as 32 hex digits
+
+
+from .errors import KeyFileError
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Shuffle:
+    """Pixel shuffling inside each block: ``out[k] = in[perm[k]]``."""
+
+    perm: tuple[int, ...]
+    name = "shuffle"
+
+    def validate(self, length: int) -> None:
+        if len(self.perm) != length or sorted(self.perm) != list(range(length)):
+            raise KeyFileError(f"shuffle: perm must be a permutation of 0..{length - 1}; got {_short(self.perm)}")
+
+    def key_bits(self) -> float:
+        return math.lgamma(len(self.perm) + 1) / math.log(2)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.name, "perm": list(self.perm)}
+
+
+@dataclass(frozen=True, slots=True)
+class NegPos:
+    """Negative/positive flip: ``out[k] = 255 - in[k]`` where ``mask[k] == 1`` (``1 - x`` on floats)."""
+
+    mask: tuple[int, ...]
+    name = "negpos"
+
+    def validate(self, length: int) -> None:
+        _check_mask("negpos", self.mask, length)
+
+    def key_bits(self) -> float:
+        return float(len(self.mask))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.name, "mask": list(self.mask)}
+
+
+@dataclass(frozen=True, slots=True)
+class FFX:
+    """FFX format-preserving encryption of the values where ``mask[k] == 1``.
+
+    ``E = pyffx.Integer(password, length=3)`` is a bijection on 0..999, so the step maps pixel values
+    (0..255) to codes 0..999, exactly as the authors' code does.
+    """
+
+    mask: tuple[int, ...]
+    password: str
+    name = "ffx"
+
+    def validate(self, length: int) -> None:
+        _check_mask("ffx", self.mask, length)
+        if not isinstance(self.password, str) or not self.password:
+            raise KeyFileError("ffx: password must be a non-empty string")
+
+    def key_bits(self) -> float:
+        return float(len(self.mask)) + password_bits(self.password)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.name, "mask": list(self.mask), "password": self.password}
+
+
+Step = Shuffle | NegPos | FFX
+STEP_NAMES = ("shuffle", "negpos", "ffx")
+
+
+def _short(seq: Sequence[Any]) -> str:
+    text = repr(list(seq))
+    return text if len(text) <= 60 else text[:57] + "...]"
+
+
+def _check_mask(name: str, mask: Sequence[int], length: int) -> None:
+    if len(mask) != length or any(b not in (0, 1) or isinstance(b, bool) for b in mask):
+        raise KeyFileError(f"{name}: mask must be {length} values, each 0 or 1; got {_short(mask)}")
+
+
+def password_bits(password: str) -> float:
+    """Upper bound on a password's entropy: length x log2(size of the character classes it uses).
+
+    A password made by :meth:`KeySet.generate` or :meth:`KeySet.derive` is 32 hex digits from
+    128 random bits; the bound (165 bits) then overstates it, so those keys record 128 instead.
+    """
+    classes = [string.ascii_lowercase, string.ascii_uppercase, string.digits]
+    size = sum(len(c) for c in classes if any(ch in c for ch in password))
+    if any(not any(ch in c for c in classes) for ch in password):
+        size += 33  # printable punctuation and space
+    return len(password) * math.log2(max(size, 2))
+
+
+@lru_cache(maxsize=64)
+def ffx_table(password: str) -> tuple[int, ...]:
+    """The 1000-entry FFX codebook ``E(v)`` for ``v`` in 0..999 (a permutation of 0..999).
+
+    ``pyffx.Integer(password.encode(), length=3)``, as in the authors' code. Cached per password.
+    """
+    import pyffx  # imported here: the kernels stay pure torch
+
+    cipher = pyffx.Integer(password.encode("utf-8"), length=3)
+    return tuple(int(cipher.encrypt(v)) for v in range(1000))
+
+
+# --------------------------------------------------------------------------------------------
+# Randomness: OS entropy or a deterministic KDF stream
+# --------------------------------------------------------------------------------------------
+
+
+class _Random(Protocol):
+    def randbelow(self, n: int) -> int: ...
+    def token(self, nbytes: int) -> bytes: ...
+
+
+class _OSRandom:
+    """Operating-system entropy (``secrets``)."""
+
+    def randbelow(self, n: int) -> int:
+        return secrets.randbelow(n)
+
+    def token(self, nbytes: int) -> bytes:
+        return secrets.token_bytes(nbytes)
+
+
+class _KDFStream:
+    """Deterministic byte stream from a 32-byte seed: SHAKE-256(seed || label || counter)."""
+
+    def __init__(self, seed: bytes) -> None:
+        self._seed = seed
+        self._counter = 0
+
+    def token(self, nbytes: int) -> bytes:
+        self._counter += 1
+        msg = b"blockkey/v1/" + self._seed + self._counter.to_bytes(8, "big")
+        return hashlib.shake_256(msg).digest(nbytes)
+
+    def randbelow(self, n: int) -> int:
+        # Rejection sampling on 64-bit draws: uniform, no modulo bias.
+        limit = (1 << 64) - (1 << 64) % n
+        while True:
+            r = int.from_bytes(self.token(8), "big")
+            if r < limit:
+                return r % n
+
+
+def _random_perm(rng: _Random, length: int) -> tuple[int, ...]:
+    perm = list(range(length))
+    for i in range(length - 1, 0, -1):  # Fisher-Yates
+        j = rng.randbelow(i + 1)
+        perm[i], perm[j] = perm[j], perm[i]
+    return tuple(perm)
+
+
+def _random_mask(rng: _Random, length: int) -> tuple[int, ...]:
+    bits = int.from_bytes(rng.token((length + 7) // 8), "big")
+    return tuple((bits >> i) & 1 for i in range(length))
+
+
+def _random_step(name: str, rng: _Random, length: int) -> Step:
+    if name == "shuffle":
+        return Shuffle(_random_perm(rng, length))
+    if name == "negpos":
+        return NegPos(_random_mask(rng, length))
+    if name == "ffx":
+        return FFX(_random_mask(rng, length), rng.token(_GENERATED_PASSWORD_BYTES).hex())
+    raise KeyFileError(f"unknown transform {name!r}; expected one of {', '.join(STEP_NAMES)}")
+
+
+def parse_recipe(recipe: str | Iterable[str]) -> tuple[str, ...]:
+    """``"shuffle,negpos,ffx"`` (or ``+``-separated, or a list) -> validated tuple of step names.
+
+    ``np`` is accepted for ``negpos`` and ``shf`` for ``shuffle``.
+    """
+    aliases = {"np": "negpos", "shf": "shuffle", "neg": "negpos"}
+    parts = recipe.replace("+", ",").split(",") if isinstance(recipe, str) else list(recipe)
+    names = tuple(aliases.get(p.strip().lower(), p.strip().lower()) for p in parts if p.strip())
+    if not names:
+        raise KeyFileError("a key set needs at least one transform (shuffle, negpos, ffx)")
+    for n in names:
+        if n not in STEP_NAMES:
+            raise KeyFileError(f"unknown transform {n!r}; expected one of {', '.join(STEP_NAMES)}")
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# KeySet
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    """An ordered set of block-wise keyed transforms for ``C``-channel images and ``M x M`` blocks.
+
+    Build one with :meth:`generate` (OS entropy), :meth:`derive` (passphrase + salt, scrypt),
+    :meth:`load` (a key file) or directly from explicit steps. Instances are immutable and
+    validated on construction. ``repr`` shows the recipe and fingerprint, never key material.
+
+    Example:
+        >>> key = KeySet.generate("shuffle,negpos,ffx", block_size=4)
+        >>> key.recipe, key.block_len
+        (('shuffle', 'negpos', 'ffx'), 48)
+    """
+
+    block_size: int
+    channels: int
+    steps: tuple[Step, ...]
+    #: Non-secret provenance (e.g. the KDF salt and parameters); not part of the fingerprint.
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        for name, v in (("block_size", self.block_size), ("channels", self.channels)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise KeyFileError(f"{name} must be a positive integer; got {v!r}")
+        if not self.steps:
+            raise KeyFileError("a key set needs at least one step")
+        object.__setattr__(self, "steps", tuple(self.steps))
+        for step in self.steps:
+            if not isinstance(step, (Shuffle, NegPos, FFX)):
+                raise KeyFileError(f"unknown step {step!r}")
+            step.validate(self.block_len)
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def generate(cls, recipe: str | Iterable[str], block_size: int, channels: int = 3) -> KeySet:
+        """A fresh key set from OS entropy (``secrets``): uniform permutations, masks, 128-bit passwords."""
+        names = parse_recipe(recipe)
+        length = _block_len(block_size, channels)
+        rng = _OSRandom()
+        steps = tuple(_random_step(n, rng, length) for n in names)
+        return cls(block_size, channels, steps, meta={"source": "os-entropy"})
+
+    @classmethod
+    def derive(
+        cls,
+        passphrase: str,
+        recipe: str | Iterable[str],
+        block_size: int,
+        channels: int = 3,
+        salt: bytes | None = None,
+    ) -> KeySet:
+        """A key set derived deterministically from ``passphrase`` and ``salt`` with scrypt.
+
+        The same passphrase, salt, recipe, block size and channel count always give the same key.
+        Without a salt a random 16-byte salt is drawn; it is recorded (not secret) in
+        ``meta["kdf"]`` and in the key file so the key can be derived again.
+        """
+        if not passphrase:
+            raise KeyFileError("passphrase must not be empty")
+        names = parse_recipe(recipe)
+        length = _block_len(block_size, channels)
+        salt = secrets.token_bytes(16) if salt is None else salt
+        context = json.dumps([list(names), block_size, channels]).encode()
+        seed = hashlib.scrypt(
+            passphrase.encode("utf-8"), salt=salt + b"|" + context, dklen=32, maxmem=2**26, **SCRYPT_PARAMS
+        )
+        rng = _KDFStream(seed)
+        steps = tuple(_random_step(n, rng, length) for n in names)
+        meta = {"source": "scrypt", "kdf": {"name": "scrypt", "salt": salt.hex(), **SCRYPT_PARAMS}}
+        return cls(block_size, channels, steps, meta=meta)
+
+    # -- properties --------------------------------------------------------------------------
+
+    @property
+    def block_len(self) -> int:
+        """``L = M*M*C``, the length of one block vector."""
+        return self.block_size * self.block_size * self.channels
+
+    @property
+    def recipe(self) -> tuple[str, ...]:
+        """Step names in order, e.g. ``('shuffle', 'negpos', 'ffx')``: not secret."""
+        return tuple(s.name for s in self.steps)
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits of SHA-256 over the canonical key material: safe to log and to store."""
+        return hashlib.sha256(_canonical(self)).hexdigest()[:16]
+
+    def key_space_bits(self) -> list[tuple[str, float]]:
+        """log2 of the key space per step, in order: ``[(name, bits), ...]``.
+
+        Shuffle ``log2(L!)``, negpos ``L``; ffx ``L`` plus the password's entropy: 128 bits for a
+        generated or derived password, else an upper bound from its length and character classes.
+        The total (:meth:`key_space_total`) is an upper bound on the number of distinct transforms.
+        """
+        generated = self.meta.get("source") in ("os-entropy", "scrypt")
+        rows = []
+        for s in self.steps:
+            if isinstance(s, FFX) and generated:
+                rows.append((s.name, len(s.mask) + 8.0 * _GENERATED_PASSWORD_BYTES))
+            else:
+                rows.append((s.name, s.key_bits()))
+        return rows
+
+    def key_space_total(self) -> float:
+        return sum(b for _, b in self.key_space_bits())
+
+    def __repr__(self) -> str:
+        return (
+            f"KeySet(recipe={'+'.join(self.recipe)}, block_size={self.block_size}, "
+            f"channels={self.channels}, fingerprint={self.fingerprint})"
+        )
+
+    # -- serialisation -------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "format": KEY_FORMAT,
+            "version": KEY_FORMAT_VERSION,
+            "layout": LAYOUT,
+            "block_size": self.block_size,
+            "channels": self.channels,
+            "fingerprint": self.fingerprint,
+            "steps": [s.to_json() for s in self.steps],
+        }
+        if self.meta:
+            doc["meta"] = self.meta
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any) -> KeySet:
+        """Parse and validate a key document; :class:`KeyFileError` with one clear line on any problem."""
+        if not isinstance(doc, dict):
+            raise KeyFileError("not a blockkey key file (expected a JSON object)")
+        if doc.get("format") != KEY_FORMAT:
+            raise KeyFileError(f"not a blockkey key file (format {doc.get('format')!r}, expected {KEY_FORMAT!r})")
+        if doc.get("version") != KEY_FORMAT_VERSION:
+            raise KeyFileError(
+                f"unsupported key file version {doc.get('version')!r} (this blockkey reads {KEY_FORMAT_VERSION})"
+            )
+        if doc.get("layout", LAYOUT) != LAYOUT:
+            raise KeyFileError(f"unsupported block layout {doc.get('layout')!r}; expected {LAYOUT!r}")
+        steps_doc = doc.get("steps")
+        if not isinstance(steps_doc, list):
+            raise KeyFileError("key file has no 'steps' list")
+        steps = tuple(_step_from_json(i, s) for i, s in enumerate(steps_doc))
+        meta = doc.get("meta", {})
+        key = cls(doc.get("block_size"), doc.get("channels"), steps, meta=meta if isinstance(meta, dict) else {})
+        expected = doc.get("fingerprint")
+        if expected is not None and expected != key.fingerprint:
+            raise KeyFileError(
+                f"key file is corrupt: fingerprint {expected!r} does not match its key material ({key.fingerprint})"
+            )
+        return key
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the key file with mode 0600 (created so, never world-readable even briefly)."""
+        path = Path(path)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            raise FileExistsError(f"{path} exists; refusing to overwrite a key file (use --force)") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)
+            json.dump(self.to_json(), f, indent=1)
+            f.write("\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> KeySet:
+        """Read and validate a key file; :class:`KeyFileError` for corrupt or unusable files."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise KeyFileError(f"key file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise KeyFileError(f"cannot read key file {path}: {e}") from None
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise KeyFileError(f"key file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        try:
+            return cls.from_json(doc)
+        except KeyFileError as e:
+            raise KeyFileError(f"{path}: {e}") from None
+
+
+def _block_len(block_size: int, channels: int) -> int:
+    for name, v in (("block_size", block_size), ("channels", channels)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise KeyFileError(f"{name} must be a positive integer; got {v!r}")
+    return block_size * block_size * channels
+
+
+def _int_list(where: str, name: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise KeyFileError(f"{where}: '{name}' must be a list of integers")
+    return tuple(value)
+
+
+def _step_from_json(i: int, doc: Any) -> Step:
+    where = f"step {i}"
+    if not isinstance(doc, dict):
+        raise KeyFileError(f"{where}: expected an object with a 'type'")
+    kind = doc.get("type")
+    if kind == "shuffle":
+        return Shuffle(_int_list(where, "perm", doc.get("perm")))
+    if kind == "negpos":
+        return NegPos(_int_list(where, "mask", doc.get("mask")))
+    if kind == "ffx":
+        password = doc.get("password")
+        if not isinstance(password, str):
+            raise KeyFileError(f"{where}: ffx needs a 'password' string")
+        return FFX(_int_list(where, "mask", doc.get("mask")), password)
+    raise KeyFileError(f"{where}: unknown type {kind!r}; expected one of {', '.join(STEP_NAMES)}")
+
+
+def _canonical(key: KeySet) -> bytes:
+    body = {
+        "version": KEY_FORMAT_VERSION,
+        "block_size": key.block_size,
+        "channels": key.channels,
+        "steps": [s.to_json() for s in key.steps],
+    }
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")

@@ -1,0 +1,92 @@
+"""``nn.Module`` forms of the keyed plan.
+
+The key's compiled block tables are non-persistent buffers: ``.to(device)`` moves them, but
+``state_dict()`` (and so every checkpoint) never contains key material. ``repr`` shows the recipe
+and the fingerprint only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from .errors import ShapeError
+from .keys import KeySet
+
+__all__ = ["KeyedTransform"]
+
+
+class KeyedTransform(nn.Module):
+    """Module form of :func:`blockkey.functional.encrypt` for one key set.
+
+    ``forward`` maps a uint8 (or float [0, 1]) batch ``(..., C, H, W)`` to float32 in [0, 1]; plans
+    for each image size and device are compiled on first use and cached. Normalise after it.
+
+    Example:
+        >>> key = KeySet.generate("shuffle,negpos", block_size=4)
+        >>> t = KeyedTransform(key)
+        >>> x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+        >>> torch.equal(t.inverse(t(x)), x)
+        True
+        >>> list(t.state_dict())
+        []
+    """
+
+    def __init__(self, key: KeySet) -> None:
+        super().__init__()
+        bp = F.compile_block_plan(key)
+        self.block_size = key.block_size
+        self.channels = key.channels
+        self.recipe = key.recipe
+        self.fingerprint = key.fingerprint
+        self.register_buffer("src", bp.src, persistent=False)
+        self.register_buffer("codes", bp.codes, persistent=False)
+        self.register_buffer("domain", bp.domain, persistent=False)
+        self._plans: dict[tuple[int, int, str], F.Plan] = {}
+
+    def plan(self, size: tuple[int, int] | torch.Size, device: torch.device | str | None = None) -> F.Plan:
+        """The compiled plan for images of spatial size ``(H, W)`` on ``device`` (cached)."""
+        dev = torch.device(device) if device is not None else self.src.device
+        h, w = int(size[0]), int(size[1])
+        cache_key = (h, w, str(dev))
+        plan = self._plans.get(cache_key)
+        if plan is None:
+            bp = F.BlockPlan(self.block_size, self.channels, self.src.cpu(), self.codes.cpu(), self.domain.cpu())
+            plan = self._plans[cache_key] = F.compile_plan(bp, (h, w), dev)
+        return plan
+
+    def _plan_for(self, x: Tensor) -> F.Plan:
+        if x.dim() < 3:
+            raise ShapeError(f"expected an image tensor (..., C, H, W); got shape {tuple(x.shape)}")
+        if x.shape[-3] != self.channels:
+            raise ShapeError(
+                f"the key is for {self.channels}-channel images; got {x.shape[-3]} channels (shape {tuple(x.shape)})"
+            )
+        return self.plan(x.shape[-2:], x.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.encrypt(x, self._plan_for(x))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """uint8 pixels -> exact integer codes (see :func:`blockkey.functional.encrypt_codes`)."""
+        return F.encrypt_codes(x, self._plan_for(x))
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Integer codes -> uint8 pixels, bit for bit."""
+        return F.decrypt_codes(codes, self._plan_for(codes))
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """Float output of ``forward`` -> the original uint8 pixels, bit for bit."""
+        return F.decrypt(y, self._plan_for(y))
+
+    def inverse_float(self, y: Tensor) -> Tensor:
+        """Differentiable float inverse (key sets without FFX)."""
+        return F.decrypt_float(y, self._plan_for(y))
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self._plans = {}  # buffers moved or cast: drop cached plans
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"recipe={'+'.join(self.recipe)}, block_size={self.block_size}, fingerprint={self.fingerprint}"
