@@ -203,9 +203,7 @@ class Plan:
         return self.index.device
 
 
-def compile_plan(
-    key: KeySet | BlockPlan, size: Sequence[int], device: torch.device | str | None = None
-) -> Plan:
+def compile_plan(key: KeySet | BlockPlan, size: Sequence[int], device: torch.device | str | None = None) -> Plan:
     """Compile ``key`` for images of spatial size ``size = (H, W)`` on ``device``.
 
     Example:
@@ -327,10 +325,7 @@ def encrypt_codes(x: Tensor, plan: Plan) -> Tensor:
     if x.dtype != torch.uint8:
         raise TypeError(f"encrypt_codes takes uint8 pixels; got {x.dtype}")
     xf = _flat(x, plan)
-    if plan.xor_in is not None:
-        y = torch.bitwise_xor(xf, plan.xor_in)
-    else:
-        y = _lookup(xf, plan.cls_in, plan.codes)
+    y = torch.bitwise_xor(xf, plan.xor_in) if plan.xor_in is not None else _lookup(xf, plan.cls_in, plan.codes)
     return y.index_select(1, plan.index).view(x.shape)
 
 

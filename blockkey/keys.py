@@ -23,6 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
+from .errors import KeyFileError
+
 __all__ = [
     "FFX",
     "KEY_FORMAT",
@@ -44,8 +46,6 @@ LAYOUT = "row,col,channel"
 SCRYPT_PARAMS = {"n": 2**15, "r": 8, "p": 1}
 _GENERATED_PASSWORD_BYTES = 16  # 128 bits of OS entropy, written as 32 hex digits
 
-
-from .errors import KeyFileError
 
 # --------------------------------------------------------------------------------------------
 # Steps
