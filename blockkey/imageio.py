@@ -38,7 +38,7 @@ def check_output_suffix(path: str | os.PathLike[str]) -> None:
 def _to_chw(arr: np.ndarray) -> Tensor:
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
 def read_image(path: str | os.PathLike[str]) -> Tensor:
@@ -64,8 +64,9 @@ def read_image(path: str | os.PathLike[str]) -> Tensor:
 def read_codes(path: str | os.PathLike[str]) -> Tensor:
     """A ciphertext PNG (8- or 16-bit) -> integer tensor ``(C, H, W)`` (uint8 or int16), exact."""
     try:
-        width, height, rows, info = png.Reader(filename=os.fspath(path)).asDirect()
-        arr = np.vstack([np.asarray(r) for r in rows])
+        with open(path, "rb") as f:
+            width, height, rows, info = png.Reader(file=f).asDirect()
+            arr = np.vstack([np.asarray(r) for r in rows])
     except FileNotFoundError:
         raise ImageFileError(f"{path}: no such file") from None
     except (png.Error, OSError, ValueError) as e:

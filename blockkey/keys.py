@@ -52,12 +52,15 @@ _GENERATED_PASSWORD_BYTES = 16  # 128 bits of OS entropy, written as 32 hex digi
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Shuffle:
     """Pixel shuffling inside each block: ``out[k] = in[perm[k]]``."""
 
     perm: tuple[int, ...]
     name = "shuffle"
+
+    def __repr__(self) -> str:
+        return f"Shuffle(L={len(self.perm)})"  # never the permutation: reprs end up in logs
 
     def validate(self, length: int) -> None:
         if len(self.perm) != length or sorted(self.perm) != list(range(length)):
@@ -70,12 +73,15 @@ class Shuffle:
         return {"type": self.name, "perm": list(self.perm)}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class NegPos:
     """Negative/positive flip: ``out[k] = 255 - in[k]`` where ``mask[k] == 1`` (``1 - x`` on floats)."""
 
     mask: tuple[int, ...]
     name = "negpos"
+
+    def __repr__(self) -> str:
+        return f"NegPos(L={len(self.mask)})"
 
     def validate(self, length: int) -> None:
         _check_mask("negpos", self.mask, length)
@@ -87,7 +93,7 @@ class NegPos:
         return {"type": self.name, "mask": list(self.mask)}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class FFX:
     """FFX format-preserving encryption of the values where ``mask[k] == 1``.
 
@@ -98,6 +104,9 @@ class FFX:
     mask: tuple[int, ...]
     password: str
     name = "ffx"
+
+    def __repr__(self) -> str:
+        return f"FFX(L={len(self.mask)}, password=<hidden>)"
 
     def validate(self, length: int) -> None:
         _check_mask("ffx", self.mask, length)
