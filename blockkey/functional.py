@@ -288,7 +288,8 @@ def _lookup(xf: Tensor, offsets: Tensor, table: Tensor) -> Tensor:
     """``table.flatten()[offsets + xf]`` with int32 index arithmetic (xf: (B, N) integer)."""
     idx = xf.to(torch.int32)
     idx += offsets
-    return table.reshape(-1)[idx]
+    # 1-D index_select is several times faster than advanced indexing on CPU.
+    return table.reshape(-1).index_select(0, idx.view(-1)).view(idx.shape)
 
 
 def encrypt(x: Tensor, plan: Plan) -> Tensor:
