@@ -295,7 +295,8 @@ def _lookup(xf: Tensor, offsets: Tensor, table: Tensor) -> Tensor:
 def encrypt(x: Tensor, plan: Plan) -> Tensor:
     """Apply the keyed plan: ``(..., C, H, W)`` image batch -> float32 in [0, 1], same shape.
 
-    ``x`` is uint8 (canonical) or float in [0, 1]. For key sets without FFX, a float input takes
+    ``x`` is uint8 (canonical; the output is float32) or float in [0, 1] (the output keeps its
+    dtype). For key sets without FFX, a float input takes
     the differentiable path (a gather and ``x * sign + flip``), so gradients flow through shuffle
     and negpos. FFX is a table lookup: float inputs are quantised with ``round(255 x)`` first and
     no gradient flows through it.

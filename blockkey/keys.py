@@ -401,17 +401,35 @@ class KeySet:
         return key
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write the key file with mode 0600 (created so, never world-readable even briefly)."""
+        """Write the key file with mode 0600, atomically (a crash never leaves half a key).
+
+        The file is created 0600 in the target folder, then renamed into place; without
+        ``overwrite`` an existing file is never replaced (``FileExistsError``).
+        """
         path = Path(path)
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; refusing to overwrite a key file (use --force)")
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fd = os.open(path, flags, 0o600)
-        except FileExistsError:
-            raise FileExistsError(f"{path} exists; refusing to overwrite a key file (use --force)") from None
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o600)
-            json.dump(self.to_json(), f, indent=1)
-            f.write("\n")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.to_json(), f, indent=1)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)  # atomic, and fails if the file appeared meanwhile
+                except FileExistsError:
+                    raise FileExistsError(f"{path} exists; refusing to overwrite a key file (use --force)") from None
+                except OSError:  # a filesystem without hard links
+                    if path.exists():
+                        raise FileExistsError(f"{path} exists; refusing to overwrite a key file") from None
+                    os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod
