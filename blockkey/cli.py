@@ -237,6 +237,72 @@ def cmd_tour(args: argparse.Namespace) -> int:
     return 0 if exact else 1
 
 
+def _load_data(spec: str, *, train: bool, root: str | None) -> Any:
+    from .data import load_dataset
+
+    return load_dataset(spec, train=train, root=root)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import stratified_split, stratified_subset
+    from .train import TrainConfig, fit
+
+    key = None if args.no_key else KeySet.load(args.key)
+    data = _load_data(args.data, train=True, root=args.data_root)
+    if args.limit:
+        data = stratified_subset(data, args.limit, args.seed)
+    train, val = stratified_split(data, args.val_fraction, args.seed)
+    cfg = TrainConfig(
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        peak=args.peak,
+        seed=args.seed,
+        amp=args.amp,
+        norm=args.norm,
+    )
+    info = {"source": args.data, "val_fraction": args.val_fraction, "split_seed": args.seed, "limit": args.limit}
+    meta = fit(train, val, key, cfg, args.output, resume=args.resume, device=args.device, data_info=info)
+    last = meta["metrics"]
+    text = f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in last.items())
+    _emit(args, {"run": args.output, "metrics": last, "history": meta["history"]}, text)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import read_meta
+    from .data import stratified_split, stratified_subset
+    from .evaluate import evaluate_run
+
+    meta = read_meta(args.model)
+    key = KeySet.load(args.key) if args.key else None
+    spec = args.data or meta.get("data", {}).get("source")
+    if not spec:
+        raise BlockkeyError("--data is needed (the run does not record its data source)")
+    data = _load_data(spec, train=args.split != "test", root=args.data_root)
+    if args.split == "val":
+        d = meta.get("data", {})
+        if d.get("limit"):
+            data = stratified_subset(data, d["limit"], d.get("split_seed", 0))
+        data = stratified_split(data, d.get("val_fraction", 0.1), d.get("split_seed", 0))[1]
+    if args.sample:
+        data = stratified_subset(data, args.sample, seed=12345)
+    report = evaluate_run(args.model, data, key, wrong_keys=args.wrong_keys, device=args.device)
+    if args.plot:
+        check_output_suffix(args.plot)
+        report.plot(args.plot)
+    head = f"{args.model} on {report.images} images of {spec}"
+    if report.key_matches is False:
+        head += f"\nWARNING: key {report.given_key} is not the key this model was trained with"
+    _emit(
+        args, report.to_json(), head + "\n\n" + report.to_markdown() + (f"\n\nplot: {args.plot}" if args.plot else "")
+    )
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # parser
 # --------------------------------------------------------------------------------------------
@@ -293,6 +359,50 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", required=True, help="PNG to write")
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
     sp.set_defaults(func=cmd_show)
+
+    sp = add("train", "train a protected model (--key) or its non-protected twin (--no-key)")
+    sp.add_argument("--data", required=True, help="cifar10, cifar100 or an ImageFolder directory")
+    sp.add_argument("--data-root", help="where torchvision datasets live / are downloaded")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--key", help="key file")
+    g.add_argument("--no-key", action="store_true", help="train the non-protected baseline")
+    sp.add_argument(
+        "--model", default="fastnet", help="registered model or tv_<torchvision name> (default %(default)s)"
+    )
+    sp.add_argument("--epochs", type=int, default=10)
+    sp.add_argument("--batch-size", type=int, default=256)
+    sp.add_argument("--lr", type=float, default=0.2, help="peak learning rate (default %(default)s)")
+    sp.add_argument("--weight-decay", type=float, default=5e-4)
+    sp.add_argument("--label-smoothing", type=float, default=0.0)
+    sp.add_argument(
+        "--peak", type=float, default=0.2, help="LR peak as a fraction of training (0.5: the paper's cyclic)"
+    )
+    sp.add_argument("--seed", type=int, default=0, help="data order, augmentation, init and split (not the key)")
+    sp.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
+    sp.add_argument("--norm", choices=["channel", "position"], default="channel", help="normalisation statistics")
+    sp.add_argument("--val-fraction", type=float, default=0.1, help="held-out validation share (default %(default)s)")
+    sp.add_argument("--limit", type=int, help="use a stratified random sample of N images (quick runs)")
+    sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    sp.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTPUT")
+    sp.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run directory")
+    sp.set_defaults(func=cmd_train)
+
+    sp = add("evaluate", "accuracy with the key, with plain images and with N random wrong keys")
+    sp.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory (model.safetensors + meta.json)")
+    sp.add_argument("--key", help="key file (omit to evaluate plain images and wrong keys only)")
+    sp.add_argument("--data", help="cifar10, cifar100 or an ImageFolder directory (default: the training source)")
+    sp.add_argument("--data-root", help="where torchvision datasets live / are downloaded")
+    sp.add_argument(
+        "--split",
+        choices=["all", "val", "test"],
+        default="all",
+        help="all images of --data, the run's held-out validation split, or the torchvision test split",
+    )
+    sp.add_argument("--wrong-keys", type=int, default=100, help="random wrong keys to try (default %(default)s)")
+    sp.add_argument("--sample", type=int, help="evaluate a stratified random sample of N images")
+    sp.add_argument("--plot", help="write a PNG bar plot here")
+    sp.add_argument("--device", default="auto")
+    sp.set_defaults(func=cmd_evaluate)
     return p
 
 

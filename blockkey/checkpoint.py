@@ -1,0 +1,107 @@
+"""Run directories: safetensors weights plus JSON metadata, written atomically, never pickles.
+
+A finished run directory holds ``model.safetensors`` and ``meta.json``. The metadata records the
+architecture, classes, image shape, normalisation, the key's recipe and fingerprint (never its
+material), the training configuration, metrics and library versions. While training, complete
+per-epoch states live in ``run/state-NNNN/`` and ``run/LATEST`` names the newest one; the pointer is
+replaced atomically, so a run killed at any moment resumes from a complete state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import BlockkeyError
+
+__all__ = ["CheckpointError", "RunMeta", "load_model", "read_meta", "write_json_atomic"]
+
+META_FORMAT = "blockkey.model"
+META_VERSION = 1
+PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
+
+RunMeta = dict[str, Any]
+
+
+class CheckpointError(BlockkeyError, ValueError):
+    """A run directory or checkpoint that cannot be used (missing, corrupt, pickled)."""
+
+
+def write_json_atomic(path: Path, doc: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _check_not_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: refusing a pickled checkpoint (it can run code); blockkey reads safetensors")
+
+
+def read_meta(run_dir: str | os.PathLike[str]) -> RunMeta:
+    run = Path(run_dir)
+    _check_not_pickle(run)
+    if not run.is_dir():
+        raise CheckpointError(f"{run}: not a run directory (expected model.safetensors and meta.json inside)")
+    path = run / "meta.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        hint = " (training did not finish: resume it with --resume)" if (run / "LATEST").exists() else ""
+        raise CheckpointError(f"{run}: no meta.json{hint}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt metadata ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise CheckpointError(f"{path}: not blockkey model metadata")
+    if meta.get("version") != META_VERSION:
+        raise CheckpointError(f"{path}: unsupported metadata version {meta.get('version')!r}")
+    return meta
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    _check_not_pickle(path)
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt weights ({e})") from None
+
+
+def load_model(run_dir: str | os.PathLike[str], device: torch.device | str = "cpu") -> tuple[nn.Module, RunMeta]:
+    """The trained network of a run directory (eval mode) and its metadata."""
+    from .models import create_model
+
+    meta = read_meta(run_dir)
+    model = create_model(meta["model"], len(meta["classes"]), meta["image_shape"][0], **meta.get("model_kwargs", {}))
+    state = load_weights(Path(run_dir) / "model.safetensors")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{run_dir}: weights do not fit model {meta['model']!r} ({first})") from None
+    return model.to(device).eval(), meta
+
+
+def clear_states(run_dir: Path) -> None:
+    for p in run_dir.glob("state-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    (run_dir / "LATEST").unlink(missing_ok=True)

@@ -1,0 +1,358 @@
+"""Datasets as uint8 tensors, a seeded stratified split, and an on-device batch loader.
+
+In-memory data (CIFAR, any ImageFolder of same-size images) is decoded once into a uint8
+``(N, C, H, W)`` tensor and cached on disk; the cache is keyed by the source's file list, sizes and
+modification times, so it is rebuilt when the source changes. :class:`BatchLoader` then produces
+batches on the target device with no per-image Python work: index, augment on plain uint8 (random
+crop with padding, horizontal flip), apply the keyed plan, normalise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import BlockkeyError
+from .transforms import KeyedTransform
+
+__all__ = [
+    "BatchLoader",
+    "DataError",
+    "ImageTensors",
+    "Normalize",
+    "default_cache_dir",
+    "load_dataset",
+    "load_image_folder",
+    "stratified_split",
+    "stratified_subset",
+]
+
+
+class DataError(BlockkeyError, ValueError):
+    """A dataset that cannot be found, read or used as asked."""
+
+
+@dataclass(frozen=True)
+class ImageTensors:
+    """An in-memory labelled image set: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,)."""
+
+    images: Tensor
+    labels: Tensor
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(f"images must be uint8 (N, C, H, W); got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise DataError(f"{self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
+
+    def subset(self, index: Tensor) -> ImageTensors:
+        return ImageTensors(self.images[index], self.labels[index], self.classes)
+
+
+def default_cache_dir() -> Path:
+    """``$BLOCKKEY_CACHE``, else ``$XDG_CACHE_HOME/blockkey``, else ``~/.cache/blockkey``."""
+    if os.environ.get("BLOCKKEY_CACHE"):
+        return Path(os.environ["BLOCKKEY_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "blockkey"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _decode(paths: Sequence[str]) -> np.ndarray:
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(np.asarray(im.convert("RGB")))
+    return np.stack(out)
+
+
+def load_image_folder(
+    root: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None, workers: int | None = None
+) -> ImageTensors:
+    """An ImageFolder tree (``root/<class>/<image>``) of same-size RGB images -> :class:`ImageTensors`.
+
+    Decoded once with ``workers`` processes and cached as ``.npz`` under ``cache_dir``
+    (:func:`default_cache_dir` by default; ``cache_dir=False``-like empty string disables caching).
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    from tqdm import tqdm
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} does not exist")
+    try:
+        classes, class_to_idx = find_classes(root)
+        samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+    except (FileNotFoundError, OSError) as e:
+        raise DataError(f"{root}: not an ImageFolder tree (root/<class>/<image>): {e}") from None
+    if not samples:
+        raise DataError(f"{root}: no images found")
+
+    h = hashlib.sha256(str(root.resolve()).encode())
+    for path, label in samples:
+        st = os.stat(path)
+        h.update(f"{os.path.relpath(path, root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    digest = h.hexdigest()[:20]
+    cache = None if cache_dir == "" else Path(cache_dir or default_cache_dir()) / f"imagefolder-{digest}.npz"
+    if cache is not None and cache.exists():
+        try:
+            with np.load(cache) as z:
+                return ImageTensors(
+                    torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), tuple(json.loads(str(z["classes"])))
+                )
+        except (OSError, ValueError, KeyError):
+            cache.unlink(missing_ok=True)  # a damaged cache is rebuilt
+
+    paths = [p for p, _ in samples]
+    chunks = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]
+    workers = workers or min(len(chunks), os.cpu_count() or 1)
+    arrays = []
+    try:
+        with tqdm(total=len(paths), desc=f"decode {root.name}", unit="img", disable=len(paths) < 2000) as bar:
+            if workers > 1:
+                with ProcessPoolExecutor(workers) as pool:
+                    for arr in pool.map(_decode, chunks):
+                        arrays.append(arr)
+                        bar.update(len(arr))
+            else:
+                for chunk in chunks:
+                    arrays.append(_decode(chunk))
+                    bar.update(len(chunk))
+    except ValueError as e:  # np.stack of different sizes
+        raise DataError(f"{root}: images differ in size; the in-memory path needs one size ({e})") from None
+    except OSError as e:
+        raise DataError(f"{root}: cannot decode an image: {e}") from None
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) > 1:
+        raise DataError(f"{root}: images differ in size ({sorted(shapes)}); the in-memory path needs one size")
+    images = np.concatenate(arrays).transpose(0, 3, 1, 2).copy()
+    labels = np.array([label for _, label in samples], dtype=np.int64)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}.npz")
+        np.savez(tmp, images=images, labels=labels, classes=json.dumps(classes))
+        os.replace(tmp, cache)
+    return ImageTensors(torch.from_numpy(images), torch.from_numpy(labels), tuple(classes))
+
+
+def load_dataset(
+    spec: str, *, train: bool = True, root: str | os.PathLike[str] | None = None, download: bool = True
+) -> ImageTensors:
+    """``cifar10`` / ``cifar100`` through torchvision (downloaded into ``root``), or an ImageFolder path."""
+    name = spec.lower()
+    if name in ("cifar10", "cifar100"):
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        root = Path(root or default_cache_dir() / "torchvision")
+        try:
+            ds = cls(str(root), train=train, download=download)
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+            raise DataError(f"{name}: {e} (looked in {root})") from None
+        except OSError as e:  # no network
+            raise DataError(f"{name}: cannot download into {root}: {e}") from None
+        images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+        return ImageTensors(images, torch.as_tensor(ds.targets, dtype=torch.int64), tuple(ds.classes))
+    return load_image_folder(spec)
+
+
+def stratified_split(data: ImageTensors, val_fraction: float, seed: int) -> tuple[ImageTensors, ImageTensors]:
+    """A seeded split keeping each class's share: ``round(n_c * val_fraction)`` per class to validation."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1); got {val_fraction}")
+    g = torch.Generator().manual_seed(seed)
+    val_idx, train_idx = [], []
+    for c in range(len(data.classes)):
+        idx = torch.nonzero(data.labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = round(len(idx) * val_fraction)
+        val_idx.append(idx[:k])
+        train_idx.append(idx[k:])
+    tr, va = torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+    return data.subset(tr), data.subset(va)
+
+
+def stratified_subset(data: ImageTensors, n: int, seed: int) -> ImageTensors:
+    """A seeded sample of about ``n`` images with every class in its share (never the first n of a sorted folder)."""
+    if n >= len(data):
+        return data
+    return stratified_split(data, n / len(data), seed)[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation and the on-device loader
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """``(x - mean) / std`` with statistics per channel (``(C,)``) or per block position (``(L,)``)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    mode: str = "channel"  # or "position"
+    block_size: int = 1
+
+    def tensors(self, shape: tuple[int, int, int], device: torch.device | str) -> tuple[Tensor, Tensor]:
+        c, h, w = shape
+        mean, std = torch.tensor(self.mean), torch.tensor(self.std)
+        if self.mode == "channel":
+            return mean.view(c, 1, 1).to(device), std.view(c, 1, 1).to(device)
+        from .functional import from_blocks
+
+        m = self.block_size
+        grid = (h // m, w // m, m * m * c)
+        return (
+            from_blocks(mean.expand(grid), m, c).contiguous().to(device),
+            from_blocks(std.expand(grid), m, c).contiguous().to(device),
+        )
+
+    def to_json(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std), "mode": self.mode, "block_size": self.block_size}
+
+    @classmethod
+    def fit(
+        cls,
+        data: ImageTensors,
+        transform: KeyedTransform | None,
+        mode: str = "channel",
+        batch_size: int = 1000,
+    ) -> Normalize:
+        """Statistics of the (transformed) images: per channel, or per block position of the key."""
+        from .functional import to_blocks
+
+        if mode not in ("channel", "position"):
+            raise DataError(f"normalisation mode must be 'channel' or 'position'; got {mode!r}")
+        if mode == "position" and transform is None:
+            raise DataError("per-position normalisation needs a key (its block size)")
+        m = transform.block_size if transform is not None else 1
+        total = total_sq = None
+        count = 0
+        for i in range(0, len(data), batch_size):
+            x = data.images[i : i + batch_size]
+            y = (transform(x) if transform is not None else x.float() / 255).double()
+            if mode == "position":  # rows: blocks, columns: block positions
+                v = to_blocks(y, m).reshape(-1, y.shape[1] * m * m)
+            else:  # rows: pixels, columns: channels
+                v = y.transpose(0, 1).reshape(y.shape[1], -1).T
+            s, s2 = v.sum(0), (v * v).sum(0)
+            total = s if total is None else total + s
+            total_sq = s2 if total_sq is None else total_sq + s2
+            count += v.shape[0]
+        mean = total / count
+        std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
+        return cls(tuple(mean.tolist()), tuple(std.tolist()), mode, m)
+
+
+class BatchLoader:
+    """Batches of an in-memory :class:`ImageTensors` on ``device``: augment -> key -> normalise.
+
+    Each epoch's order and augmentation come from ``(seed, epoch)`` alone, so a resumed run sees the
+    same batches as an uninterrupted one. With ``world_size > 1`` each rank takes every
+    ``world_size``-th sample of the epoch's permutation.
+    """
+
+    def __init__(
+        self,
+        data: ImageTensors,
+        batch_size: int,
+        *,
+        train: bool,
+        transform: KeyedTransform | None,
+        normalize: Normalize | None,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        crop_padding: int = 4,
+        flip: bool = True,
+        drop_last: bool | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.device = torch.device(device)
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+        self.batch_size = batch_size
+        self.train = train
+        self.transform = transform.to(self.device) if transform is not None else None
+        self.norm = normalize.tensors(data.image_shape, self.device) if normalize is not None else None
+        self.seed = seed
+        self.crop_padding = crop_padding if train else 0
+        self.flip = flip and train
+        self.drop_last = train if drop_last is None else drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> Tensor:
+        n = self.images.shape[0]
+        if not self.train:
+            order = torch.arange(n)
+        else:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+        return order[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        n = len(self._order())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def augment(self, x: Tensor, g: torch.Generator) -> Tensor:
+        """Random crop with zero padding and horizontal flip, batched, on plain uint8."""
+        b, c, h, w = x.shape
+        p = self.crop_padding
+        if p:
+            padded = torch.nn.functional.pad(x, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (b,), generator=g).to(x.device)
+            dx = torch.randint(0, 2 * p + 1, (b,), generator=g).to(x.device)
+            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+            bi = torch.arange(b, device=x.device)[:, None, None, None]
+            ci = torch.arange(c, device=x.device)[None, :, None, None]
+            x = padded[bi, ci, rows, cols]
+        if self.flip:
+            f = (torch.rand(b, generator=g) < 0.5).to(x.device)
+            x = torch.where(f[:, None, None, None], x.flip(-1), x)
+        return x
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """uint8 batch -> key transform (or /255) -> normalisation: what the network sees."""
+        y = self.transform(x) if self.transform is not None else x.float().div_(255)
+        if self.norm is not None:
+            y = (y - self.norm[0]) / self.norm[1]
+        return y
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = self._order()
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 1_000_000_007)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size].to(self.device)
+            x = self.images[idx]
+            if self.train:
+                x = self.augment(x, g)
+            yield self.prepare(x), self.labels[idx]

@@ -1,0 +1,168 @@
+"""Who gets accuracy out of a protected model: the key holder, plain images, and N wrong keys."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, RunMeta, load_model
+from .data import BatchLoader, DataError, ImageTensors, Normalize
+from .keys import KeySet
+from .train import pick_device, predict_accuracy
+from .transforms import KeyedTransform
+
+__all__ = ["EvalReport", "align_classes", "evaluate_model", "evaluate_run"]
+
+
+@dataclass
+class EvalReport:
+    """Rows of ``(setting, accuracy stats)`` plus context; ``to_markdown`` / ``to_json`` / ``plot``."""
+
+    model: str
+    model_key: dict[str, Any] | None
+    given_key: str | None
+    key_matches: bool | None
+    images: int
+    num_classes: int
+    rows: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "model_key": self.model_key,
+            "given_key_fingerprint": self.given_key,
+            "key_matches_model": self.key_matches,
+            "images": self.images,
+            "chance": 1 / self.num_classes,
+            "rows": self.rows,
+        }
+
+    def to_markdown(self) -> str:
+        lines = [
+            "| setting | accuracy | std | min | max | n |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in self.rows:
+            std = f"{r['std']:.1%}" if r.get("n", 1) > 1 else ""
+            mn = f"{r['min']:.1%}" if r.get("n", 1) > 1 else ""
+            mx = f"{r['max']:.1%}" if r.get("n", 1) > 1 else ""
+            lines.append(f"| {r['setting']} | {r['accuracy']:.1%} | {std} | {mn} | {mx} | {r.get('n', 1)} |")
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike[str]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
+        names = [r["setting"] for r in self.rows]
+        acc = [100 * r["accuracy"] for r in self.rows]
+        err = [100 * r.get("std", 0.0) for r in self.rows]
+        ax.bar(range(len(acc)), acc, yerr=err, capsize=4, color=["#2b7", "#c44", "#c84", "#888"][: len(acc)])
+        ax.set_xticks(range(len(acc)), names, fontsize=8)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_ylim(0, 100)
+        chance = 100 / self.num_classes
+        ax.axhline(chance, ls="--", lw=1, color="k")
+        ax.text(len(acc) - 0.5, chance + 1, "chance", ha="right", fontsize=7)
+        ax.set_title(f"{self.model}: {self.images} images", fontsize=9)
+        for i, a in enumerate(acc):
+            ax.text(i, a + 1.5, f"{a:.1f}", ha="center", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+def align_classes(data: ImageTensors, model_classes: list[str]) -> ImageTensors:
+    """Map an ImageFolder's labels to the model's class order by name; refuse a mismatch."""
+    if list(data.classes) == list(model_classes):
+        return data
+    missing = sorted(set(data.classes) - set(model_classes))
+    if missing:
+        raise DataError(f"classes {missing} are not classes of the model ({', '.join(model_classes)})")
+    remap = torch.tensor([model_classes.index(c) for c in data.classes])
+    return ImageTensors(data.images, remap[data.labels], tuple(model_classes))
+
+
+def _stats(name: str, accs: list[float]) -> dict[str, Any]:
+    return {
+        "setting": name,
+        "accuracy": statistics.fmean(accs),
+        "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+        "min": min(accs),
+        "max": max(accs),
+        "n": len(accs),
+    }
+
+
+def evaluate_model(
+    model: nn.Module,
+    meta: RunMeta,
+    data: ImageTensors,
+    key: KeySet | None,
+    *,
+    wrong_keys: int = 100,
+    batch_size: int = 500,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Accuracy with ``key``, with plain images and with ``wrong_keys`` random keys of the model's recipe."""
+    from tqdm import tqdm
+
+    dev = pick_device(str(device) if device is not None else None)
+    model = model.to(dev).eval()
+    data = align_classes(data, meta["classes"])
+    if tuple(data.image_shape) != tuple(meta["image_shape"]):
+        raise DataError(f"images are {data.image_shape}, the model was trained on {tuple(meta['image_shape'])}")
+    norm_doc = meta.get("normalize")
+    normalize = Normalize(tuple(norm_doc["mean"]), tuple(norm_doc["std"]), norm_doc["mode"], norm_doc["block_size"])
+    cfg = meta.get("config", {})
+    amp = "bf16" if cfg.get("amp", "auto") == "auto" else cfg.get("amp", "off")
+    cl = cfg.get("channels_last", True)
+
+    def acc(transform: KeyedTransform | None) -> float:
+        loader = BatchLoader(data, batch_size, train=False, transform=transform, normalize=normalize, device=dev)
+        return predict_accuracy(model, loader, dev, amp, cl)
+
+    model_key = meta.get("key")
+    rows = []
+    matches = None
+    if key is not None:
+        matches = model_key is not None and key.fingerprint == model_key["fingerprint"]
+        label = "correct key" if matches else f"given key {key.fingerprint} (NOT the model's key)"
+        rows.append(_stats(label, [acc(KeyedTransform(key))]))
+    elif model_key is None:
+        rows.append(_stats("non-protected model", [acc(None)]))
+    if model_key is not None:
+        rows.append(_stats("plain images", [acc(None)]))
+        if wrong_keys > 0:
+            recipe, m, c = model_key["recipe"], model_key["block_size"], model_key["channels"]
+            accs = []
+            for _ in tqdm(range(wrong_keys), desc="wrong keys", leave=False, disable=not progress):
+                accs.append(acc(KeyedTransform(KeySet.generate(recipe, m, c))))
+            rows.append(_stats(f"{wrong_keys} random wrong keys", accs))
+    given = key.fingerprint if key else None
+    return EvalReport(meta["model"], model_key, given, matches, len(data), len(meta["classes"]), rows)
+
+
+def evaluate_run(run_dir: str | os.PathLike[str], data: ImageTensors, key: KeySet | None, **kwargs: Any) -> EvalReport:
+    """:func:`evaluate_model` for a run directory written by :func:`blockkey.train.fit`."""
+    model, meta = load_model(run_dir)
+    model_key = meta.get("key")
+    shape_differs = (
+        key is not None
+        and model_key is not None
+        and (key.block_size != model_key["block_size"] or key.channels != model_key["channels"])
+    )
+    if shape_differs:
+        raise CheckpointError(
+            f"the key is for M={key.block_size}, C={key.channels}; the model for "
+            f"M={model_key['block_size']}, C={model_key['channels']}"
+        )
+    return evaluate_model(model, meta, data, key, **kwargs)

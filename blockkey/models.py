@@ -1,0 +1,133 @@
+"""A small model registry: a new architecture is one decorated function.
+
+- ``resnet18_cifar``: the paper's CIFAR ResNet-18 (3x3 stem, stride 1, no max-pool; 11.2M parameters).
+- ``fastnet``: an airbench-style net sized for CPU budgets (about 1.5M parameters at width 1).
+- ``tv_<name>``: any torchvision classification model by name, e.g. ``tv_resnet50``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .errors import BlockkeyError
+
+__all__ = ["create_model", "list_models", "register_model"]
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register ``fn(num_classes, in_channels, **kwargs) -> nn.Module`` under its name."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
+    """Build a registered model, or ``tv_<name>`` from torchvision.models (random init)."""
+    if name in _REGISTRY:
+        return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if name.startswith("tv_"):
+        import torchvision
+
+        tv = name[3:]
+        if tv not in torchvision.models.list_models(module=torchvision.models):
+            raise BlockkeyError(f"unknown torchvision model {tv!r}")
+        model = torchvision.models.get_model(tv, weights=None, num_classes=num_classes, **kwargs)
+        if in_channels != 3:
+            raise BlockkeyError(f"torchvision models take 3 channels; got {in_channels}")
+        return model
+    raise BlockkeyError(f"unknown model {name!r}; choose from {', '.join(list_models())} or tv_<torchvision name>")
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR ResNet-18 (He et al. 2016, CIFAR variant as in the authors' code)
+# --------------------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNetCIFAR(nn.Module):
+    def __init__(self, blocks: tuple[int, ...], num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        layers, cin = [], 64
+        for i, n in enumerate(blocks):
+            cout = 64 * 2**i
+            for j in range(n):
+                layers.append(BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@register_model
+def resnet18_cifar(num_classes: int, in_channels: int = 3) -> nn.Module:
+    return ResNetCIFAR((2, 2, 2, 2), num_classes, in_channels)
+
+
+# --------------------------------------------------------------------------------------------
+# fastnet: airbench-style (Jordan 2024), for CPU budgets
+# --------------------------------------------------------------------------------------------
+
+
+class ConvGroup(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn1(self.pool(self.conv1(x))))
+        return self.act(self.bn2(self.conv2(x)))
+
+
+class FastNet(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int = 3, widths: tuple[int, ...] = (64, 128, 256)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.GELU())
+        groups, cin = [], 32
+        for w in widths:
+            groups.append(ConvGroup(cin, w))
+            cin = w
+        self.groups = nn.Sequential(*groups)
+        self.head = nn.Linear(cin, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.groups(self.stem(x))
+        return self.head(torch.flatten(nn.functional.adaptive_max_pool2d(x, 1), 1))
+
+
+@register_model
+def fastnet(num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    widths = tuple(max(8, round(w * width)) for w in (64, 128, 256))
+    return FastNet(num_classes, in_channels, widths)

@@ -1,0 +1,366 @@
+"""The trainer: augment -> key -> normalise -> model, with checkpoints, resume and DDP.
+
+``fit`` trains a protected model (``key`` given) or its non-protected twin (``key=None``) with
+everything else shared: SGD with Nesterov momentum, a triangular one-cycle learning rate, weight
+decay, optional label smoothing, bfloat16 autocast and channels_last. Every epoch ends with a
+complete state on disk; ``resume=True`` continues from it and, because data order and augmentation
+depend only on ``(seed, epoch)``, reaches the same final weights as an uninterrupted run. Under
+``torchrun`` it runs distributed data parallel (gloo on CPU, nccl on GPU); rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import (
+    META_FORMAT,
+    META_VERSION,
+    CheckpointError,
+    RunMeta,
+    clear_states,
+    load_weights,
+    save_tensors_atomic,
+    write_json_atomic,
+)
+from .data import BatchLoader, ImageTensors, Normalize
+from .keys import KeySet
+from .models import create_model
+from .transforms import KeyedTransform
+
+__all__ = ["TrainConfig", "autocast", "fit", "pick_device"]
+
+
+@dataclass
+class TrainConfig:
+    model: str = "fastnet"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 0.2
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    peak: float = 0.2  # fraction of training at which the triangular LR peaks (0.5: the paper's cyclic LR)
+    seed: int = 0
+    amp: str = "auto"  # auto (bf16) | bf16 | fp16 | off
+    channels_last: bool = True
+    norm: str = "channel"  # channel | position (per block position of the key)
+    crop_padding: int = 4
+    flip: bool = True
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, amp: str):  # type: ignore[no-untyped-def]
+    """The autocast context for ``amp`` on ``device`` (a no-op context for ``off``)."""
+    if amp == "off":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    t = step / max(1, total)
+    peak = min(max(cfg.peak, 1e-6), 1 - 1e-6)
+    return cfg.lr * (t / peak if t < peak else max(0.0, (1 - t) / (1 - peak)))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)  # no decay on norms and biases
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _versions() -> dict[str, str]:
+    import torchvision
+
+    return {
+        "blockkey": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def key_info(key: KeySet | None) -> dict[str, Any] | None:
+    """What a checkpoint stores about a key: recipe and fingerprint, never material."""
+    if key is None:
+        return None
+    return {
+        "fingerprint": key.fingerprint,
+        "recipe": list(key.recipe),
+        "block_size": key.block_size,
+        "channels": key.channels,
+    }
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, state in opt.state_dict()["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                out[f"{i}.{name}"] = value
+    return out
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: torch.device) -> tuple[_Dist, torch.device]:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _Dist(), device
+    import torch.distributed as dist
+
+    d = _Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+@torch.no_grad()
+def predict_accuracy(
+    model: nn.Module, loader: BatchLoader, device: torch.device, amp: str = "auto", channels_last: bool = True
+) -> float:
+    """Top-1 accuracy of ``model`` over ``loader`` (evaluation mode)."""
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            pred = model(x).argmax(1)
+        correct += int((pred == y).sum())
+        total += y.numel()
+    return correct / max(1, total)
+
+
+def fit(
+    train: ImageTensors,
+    val: ImageTensors | None,
+    key: KeySet | None,
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: bool = True,
+    data_info: dict[str, Any] | None = None,
+) -> RunMeta:
+    """Train ``cfg.model`` on ``train`` (keyed with ``key``, or plain for ``key=None``) into ``run_dir``.
+
+    ``data_info`` (the data's source and split) is stored in the metadata as given. Returns the run's
+    metadata (also written to ``run_dir/meta.json``).
+    """
+    from tqdm import tqdm
+
+    device = pick_device(str(device) if device is not None else None)
+    dist, device = _init_distributed(device)
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    say = log if dist.main else (lambda s: None)
+    run = Path(run_dir)
+    if key is not None and train.image_shape[0] != key.channels:
+        raise CheckpointError(f"the key is for {key.channels}-channel images; the data has {train.image_shape[0]}")
+    if key is not None and (train.image_shape[1] % key.block_size or train.image_shape[2] % key.block_size):
+        h, w = train.image_shape[1:]
+        raise CheckpointError(f"image size {h}x{w} is not divisible by the block size {key.block_size}")
+
+    latest = run / "LATEST"
+    if run.exists() and not resume and ((run / "meta.json").exists() or latest.exists()):
+        raise CheckpointError(f"{run} already holds a run; use --resume to continue it or pick another folder")
+    if resume and not latest.exists():
+        if (run / "meta.json").exists():
+            raise CheckpointError(f"{run}: this run has finished; nothing to resume")
+        raise CheckpointError(f"{run}: nothing to resume (no LATEST state)")
+    if dist.main:
+        run.mkdir(parents=True, exist_ok=True)
+
+    transform = KeyedTransform(key) if key is not None else None
+    # The twin without a key has no blocks: it is normalised per channel.
+    normalize = Normalize.fit(train, transform, cfg.norm if key is not None else "channel")
+    amp = "bf16" if cfg.amp == "auto" else cfg.amp
+
+    with torch.random.fork_rng(devices=[]):  # the init seed does not leak into the caller's global RNG
+        torch.manual_seed(cfg.seed)
+        model = create_model(cfg.model, len(train.classes), train.image_shape[0], **cfg.model_kwargs)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(
+        _param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
+    )
+    loader = BatchLoader(
+        train,
+        cfg.batch_size // dist.world_size,
+        train=True,
+        transform=transform,
+        normalize=normalize,
+        device=device,
+        seed=cfg.seed,
+        crop_padding=cfg.crop_padding,
+        flip=cfg.flip,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+    val_loader = (
+        BatchLoader(val, 512, train=False, transform=transform, normalize=normalize, device=device)
+        if val is not None and len(val)
+        else None
+    )
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise CheckpointError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size}")
+    total_steps = cfg.epochs * steps_per_epoch
+
+    start_epoch, history = 0, []
+    if resume:
+        state_dir = run / latest.read_text().strip()
+        state_meta = json.loads((state_dir / "state.json").read_text())
+        if state_meta["config"] != asdict(cfg):
+            raise CheckpointError(f"{run}: --resume with a different training configuration")
+        if state_meta["key"] != key_info(key):
+            raise CheckpointError(f"{run}: --resume with a different key (or --no-key mismatch)")
+        model.load_state_dict(load_weights(state_dir / "model.safetensors"))
+        _load_optimizer(opt, {k: v.to(device) for k, v in load_weights(state_dir / "optimizer.safetensors").items()})
+        start_epoch, history = state_meta["epoch"], state_meta["history"]
+        say(f"resuming {run} after epoch {start_epoch}/{cfg.epochs}")
+
+    net: nn.Module = model
+    if dist.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    protected = f"key {key.fingerprint} ({'+'.join(key.recipe)}, M={key.block_size})" if key else "no key"
+    say(
+        f"training {cfg.model} on {len(train)} images ({protected}), {cfg.epochs} epochs x {steps_per_epoch} steps, "
+        f"device {device}, amp {amp}, world size {dist.world_size}"
+    )
+
+    meta_base = {
+        "format": META_FORMAT,
+        "version": META_VERSION,
+        "model": cfg.model,
+        "model_kwargs": cfg.model_kwargs,
+        "classes": list(train.classes),
+        "image_shape": list(train.image_shape),
+        "key": key_info(key),
+        "normalize": normalize.to_json() if normalize is not None else None,
+        "config": asdict(cfg),
+        "data": data_info or {},
+        "versions": _versions(),
+    }
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        net.train()
+        loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not (progress and dist.main))
+        for i, (x, y) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, total_steps, cfg)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                out = net(x)
+                loss = criterion(out.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * y.numel()
+            correct += (out.argmax(1) == y).sum()
+            seen += y.numel()
+        if not math.isfinite(float(loss_sum)):
+            raise CheckpointError(f"training diverged at epoch {epoch + 1} (loss is {float(loss_sum)}); lower --lr")
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": round(float(loss_sum) / seen, 4),
+            "train_acc": round(float(correct) / seen, 4),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        if val_loader is not None and dist.main:
+            row["val_acc"] = round(predict_accuracy(model, val_loader, device, amp, cfg.channels_last), 4)
+        history.append(row)
+        say(
+            f"epoch {row['epoch']}/{cfg.epochs}  loss {row['train_loss']:.3f}  train {row['train_acc']:.1%}"
+            + (f"  val {row['val_acc']:.1%}" if "val_acc" in row else "")
+            + f"  {row['seconds']:.0f}s"
+        )
+        if dist.main and epoch + 1 < cfg.epochs:
+            _save_state(run, model, opt, epoch + 1, history, cfg, key)
+
+    meta = {**meta_base, "epochs_done": cfg.epochs, "history": history, "metrics": history[-1] if history else {}}
+    if dist.main:
+        save_tensors_atomic(
+            run / "model.safetensors", model.state_dict(), {"key_fingerprint": key.fingerprint if key else "none"}
+        )
+        write_json_atomic(run / "meta.json", meta)
+        clear_states(run)
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+    return meta
+
+
+def _save_state(
+    run: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, history: list, cfg: TrainConfig, key
+) -> None:
+    """A complete resumable state in ``state-NNNN/``, then the LATEST pointer, then old states go."""
+    name = f"state-{epoch:04d}"
+    d = run / name
+    d.mkdir(exist_ok=True)
+    save_tensors_atomic(d / "model.safetensors", model.state_dict())
+    save_tensors_atomic(d / "optimizer.safetensors", _optimizer_tensors(opt))
+    write_json_atomic(
+        d / "state.json", {"epoch": epoch, "history": history, "config": asdict(cfg), "key": key_info(key)}
+    )
+    tmp = run / f".LATEST.tmp{os.getpid()}"
+    tmp.write_text(name)
+    os.replace(tmp, run / "LATEST")
+    for old in run.glob("state-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,223 @@
+"""Data, models, trainer, checkpoints and evaluation on small synthetic data the tests make."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blockkey import KeyedTransform, KeySet
+from blockkey.checkpoint import CheckpointError, load_model
+from blockkey.data import (
+    BatchLoader,
+    DataError,
+    ImageTensors,
+    Normalize,
+    load_image_folder,
+    stratified_split,
+    stratified_subset,
+)
+from blockkey.evaluate import align_classes, evaluate_run
+from blockkey.models import create_model, list_models
+from blockkey.train import TrainConfig, fit
+
+from .helpers import rand_key
+
+
+def colour_data(n_per_class: int = 40, size: int = 8, classes: int = 3, seed: int = 0) -> ImageTensors:
+    """A learnable toy set: class c has a bright patch in channel c plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    imgs, labels = [], []
+    for c in range(classes):
+        x = torch.randint(0, 100, (n_per_class, 3, size, size), generator=g)
+        x[:, c % 3, : size // 2] += 150
+        imgs.append(x.clamp(0, 255).to(torch.uint8))
+        labels.append(torch.full((n_per_class,), c))
+    return ImageTensors(torch.cat(imgs), torch.cat(labels), tuple(f"class{c}" for c in range(classes)))
+
+
+def write_folder(root, data: ImageTensors):
+    for i, (img, label) in enumerate(zip(data.images, data.labels, strict=True)):
+        d = root / data.classes[int(label)]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
+    return root
+
+
+class TestData:
+    def test_image_folder_cache_and_invalidation(self, tmp_path):
+        data = colour_data(5)
+        root = write_folder(tmp_path / "ds", data)
+        cache = tmp_path / "cache"
+        a = load_image_folder(root, cache_dir=cache, workers=1)
+        assert a.classes == data.classes and torch.equal(a.images, data.images) and torch.equal(a.labels, data.labels)
+        files = list(cache.glob("*.npz"))
+        assert len(files) == 1
+        mtime = files[0].stat().st_mtime_ns
+        b = load_image_folder(root, cache_dir=cache, workers=1)
+        assert torch.equal(b.images, a.images) and files[0].stat().st_mtime_ns == mtime  # served from cache
+        time.sleep(0.01)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "class0" / "0000.png")
+        c = load_image_folder(root, cache_dir=cache, workers=1)
+        assert c.images[0].sum() == 0 and len(list(cache.glob("*.npz"))) == 2  # source changed: rebuilt
+
+    def test_errors(self, tmp_path):
+        with pytest.raises(DataError, match="does not exist"):
+            load_image_folder(tmp_path / "nope")
+        (tmp_path / "ds" / "a").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ds" / "a" / "x.png")
+        Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(tmp_path / "ds" / "a" / "y.png")
+        with pytest.raises(DataError, match="differ in size"):
+            load_image_folder(tmp_path / "ds", cache_dir="", workers=1)
+
+    def test_stratified_split_and_subset(self):
+        data = colour_data(20)
+        tr, va = stratified_split(data, 0.25, seed=1)
+        assert len(va) == 15 and len(tr) == 45
+        assert torch.bincount(va.labels).tolist() == [5, 5, 5]
+        _, va2 = stratified_split(data, 0.25, seed=1)
+        assert torch.equal(va.images, va2.images)
+        sub = stratified_subset(data, 30, seed=0)
+        assert torch.bincount(sub.labels).tolist() == [10, 10, 10]
+
+
+class TestLoader:
+    def test_augment_is_a_padded_crop_or_its_flip(self):
+        data = colour_data(4)
+        loader = BatchLoader(data, 6, train=True, transform=None, normalize=None, seed=3)
+        g = torch.Generator().manual_seed(0)
+        x = data.images[:6]
+        out = loader.augment(x, g)
+        padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+        for i in range(6):
+            crops = [padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(9) for dx in range(9)]
+            assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(-1)) for c in crops)
+
+    def test_order_depends_only_on_seed_and_epoch(self):
+        data = colour_data(10)
+        a = BatchLoader(data, 8, train=True, transform=None, normalize=None, seed=5)
+        b = BatchLoader(data, 8, train=True, transform=None, normalize=None, seed=5)
+        a.set_epoch(2)
+        b.set_epoch(2)
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        b.set_epoch(3)
+        assert not torch.equal(next(iter(a))[1], next(iter(b))[1])
+
+    def test_eval_batches_are_key_then_normalise(self):
+        data = colour_data(5)
+        key = rand_key("shuffle,negpos,ffx", 4)
+        t = KeyedTransform(key)
+        norm = Normalize.fit(data, t, "position")
+        loader = BatchLoader(data, 7, train=False, transform=t, normalize=norm)
+        x, y = next(iter(loader))
+        mean, std = norm.tensors(data.image_shape, "cpu")
+        assert torch.allclose(x, (t(data.images[:7]) - mean) / std)
+        assert torch.equal(y, data.labels[:7])
+        assert sum(len(b[1]) for b in loader) == len(data)  # eval keeps the last partial batch
+
+    def test_normalize_fit(self):
+        data = colour_data(5)
+        n = Normalize.fit(data, None, "channel")
+        x = data.images.double() / 255
+        assert np.allclose(n.mean, x.mean((0, 2, 3)).tolist())
+        assert np.allclose(n.std, x.std((0, 2, 3), unbiased=False).tolist())
+        t = KeyedTransform(rand_key("shuffle", 4))
+        p = Normalize.fit(data, t, "position")
+        assert len(p.mean) == 48 and p.block_size == 4
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model(name):
+    model = create_model(name, num_classes=7)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+
+
+def test_torchvision_models_by_name():
+    assert create_model("tv_resnet18", 5)(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+CFG = dict(model="fastnet", model_kwargs={"width": 0.25}, batch_size=16, lr=0.05, amp="off")
+
+
+class TestFit:
+    def test_trains_and_checkpoint_has_no_key_material(self, tmp_path):
+        data = colour_data(40)
+        tr, va = stratified_split(data, 0.25, 0)
+        key = KeySet.generate("shuffle,negpos,ffx", 4)
+        meta = fit(tr, va, key, TrainConfig(epochs=8, **CFG), tmp_path / "run", progress=False, log=lambda s: None)
+        assert meta["metrics"]["val_acc"] > 0.8  # chance is 1/3
+        files = sorted(p.name for p in (tmp_path / "run").iterdir())
+        assert files == ["meta.json", "model.safetensors"]
+        blob = b"".join(p.read_bytes() for p in (tmp_path / "run").iterdir())
+        assert key.steps[2].password.encode() not in blob
+        assert json.dumps(list(key.steps[0].perm)).encode() not in blob
+        saved = json.loads((tmp_path / "run" / "meta.json").read_text())
+        assert saved["key"]["fingerprint"] == key.fingerprint
+        report = evaluate_run(tmp_path / "run", va, key, wrong_keys=3, progress=False)
+        assert report.key_matches and report.rows[0]["setting"] == "correct key"
+        assert report.rows[0]["accuracy"] == pytest.approx(meta["metrics"]["val_acc"], abs=1e-4)
+        wrong = evaluate_run(tmp_path / "run", va, KeySet.generate("shuffle,negpos,ffx", 4), wrong_keys=0)
+        assert wrong.key_matches is False and "NOT the model's key" in wrong.rows[0]["setting"]
+
+    def test_resume_after_interruption_gives_identical_weights(self, tmp_path):
+        data = colour_data(24)
+        key = rand_key("shuffle,negpos", 4)
+        cfg = TrainConfig(epochs=3, **CFG)
+        fit(data, None, key, cfg, tmp_path / "a", progress=False, log=lambda s: None)
+
+        def die_in_epoch_2(line):
+            if line.startswith("epoch 2/3"):
+                raise KeyboardInterrupt  # killed after epoch 2's work, before its state was saved
+
+        with pytest.raises(KeyboardInterrupt):
+            fit(data, None, key, cfg, tmp_path / "b", progress=False, log=die_in_epoch_2)
+        assert (tmp_path / "b" / "LATEST").read_text() == "state-0001"
+        with pytest.raises(CheckpointError, match="--resume"):
+            fit(data, None, key, cfg, tmp_path / "b", progress=False, log=lambda s: None)
+        fit(data, None, key, cfg, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
+        wa, _ = load_model(tmp_path / "a")
+        wb, _ = load_model(tmp_path / "b")
+        for (na, ta), (nb, tb) in zip(wa.state_dict().items(), wb.state_dict().items(), strict=True):
+            assert na == nb and torch.equal(ta, tb), na
+        assert not (tmp_path / "b" / "LATEST").exists()
+
+    def test_resume_refuses_other_key(self, tmp_path):
+        data = colour_data(24)
+        cfg = TrainConfig(epochs=2, **CFG)
+
+        def die(line):
+            if line.startswith("epoch 2/2"):
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            fit(data, None, rand_key("shuffle", 4, seed=1), cfg, tmp_path / "r", progress=False, log=die)
+        with pytest.raises(CheckpointError, match="different key"):
+            fit(data, None, rand_key("shuffle", 4, seed=2), cfg, tmp_path / "r", resume=True, progress=False)
+
+    def test_class_alignment_by_name(self):
+        data = colour_data(3)
+        swapped = ImageTensors(data.images, 2 - data.labels, ("class2", "class1", "class0"))
+        aligned = align_classes(swapped, ["class0", "class1", "class2"])
+        assert torch.equal(aligned.labels, data.labels)
+        with pytest.raises(DataError, match=r"\['dog'\] are not classes"):
+            align_classes(ImageTensors(data.images, data.labels, ("class0", "class1", "dog")), list(data.classes))
+
+
+def test_corrupt_checkpoint_refused(tmp_path):
+    data = colour_data(8)
+    fit(data, None, None, TrainConfig(epochs=1, **CFG), tmp_path / "run", progress=False, log=lambda s: None)
+    (tmp_path / "run" / "model.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt weights"):
+        load_model(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="pickled"):
+        load_model(tmp_path / "model.pt")
+    os.remove(tmp_path / "run" / "meta.json")
+    with pytest.raises(CheckpointError, match=r"no meta\.json"):
+        load_model(tmp_path / "run")
