@@ -147,24 +147,35 @@ CFG = dict(model="fastnet", model_kwargs={"width": 0.25}, batch_size=16, lr=0.05
 
 
 class TestFit:
-    def test_trains_and_checkpoint_has_no_key_material(self, tmp_path):
+    def test_trains_and_evaluates(self, tmp_path):
         data = colour_data(40)
         tr, va = stratified_split(data, 0.25, 0)
-        key = KeySet.generate("shuffle,negpos,ffx", 4)
-        meta = fit(tr, va, key, TrainConfig(epochs=8, **CFG), tmp_path / "run", progress=False, log=lambda s: None)
+        key = rand_key("shuffle,negpos", 4, seed=0)
+        cfg = TrainConfig(epochs=8, norm="position", **CFG)
+        meta = fit(tr, va, key, cfg, tmp_path / "run", progress=False, log=lambda s: None)
         assert meta["metrics"]["val_acc"] > 0.8  # chance is 1/3
-        files = sorted(p.name for p in (tmp_path / "run").iterdir())
-        assert files == ["meta.json", "model.safetensors"]
+        report = evaluate_run(tmp_path / "run", va, key, wrong_keys=3, progress=False)
+        assert report.key_matches and report.rows[0]["setting"] == "correct key"
+        assert report.rows[0]["accuracy"] == pytest.approx(meta["metrics"]["val_acc"], abs=1e-4)
+        assert [r["setting"] for r in report.rows[1:]] == ["plain images", "3 random wrong keys"]
+        wrong = evaluate_run(tmp_path / "run", va, rand_key("shuffle,negpos", 4, seed=9), wrong_keys=0)
+        assert wrong.key_matches is False and "NOT the model's key" in wrong.rows[0]["setting"]
+
+    def test_checkpoint_has_no_key_material(self, tmp_path):
+        data = colour_data(8)
+        key = KeySet.generate("shuffle,negpos,ffx", 4)
+        fit(data, None, key, TrainConfig(epochs=2, **CFG), tmp_path / "run", progress=False, log=lambda s: None)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["meta.json", "model.safetensors"]
         blob = b"".join(p.read_bytes() for p in (tmp_path / "run").iterdir())
         assert key.steps[2].password.encode() not in blob
         assert json.dumps(list(key.steps[0].perm)).encode() not in blob
         saved = json.loads((tmp_path / "run" / "meta.json").read_text())
-        assert saved["key"]["fingerprint"] == key.fingerprint
-        report = evaluate_run(tmp_path / "run", va, key, wrong_keys=3, progress=False)
-        assert report.key_matches and report.rows[0]["setting"] == "correct key"
-        assert report.rows[0]["accuracy"] == pytest.approx(meta["metrics"]["val_acc"], abs=1e-4)
-        wrong = evaluate_run(tmp_path / "run", va, KeySet.generate("shuffle,negpos,ffx", 4), wrong_keys=0)
-        assert wrong.key_matches is False and "NOT the model's key" in wrong.rows[0]["setting"]
+        assert saved["key"] == {
+            "fingerprint": key.fingerprint,
+            "recipe": ["shuffle", "negpos", "ffx"],
+            "block_size": 4,
+            "channels": 3,
+        }
 
     def test_resume_after_interruption_gives_identical_weights(self, tmp_path):
         data = colour_data(24)
