@@ -25,6 +25,7 @@ from .show import step_grid
 from .transforms import KeyedTransform
 
 EXIT_USER_ERROR = 2
+TOUR_NOTE = "blockkey tour demo key (made by `blockkey tour`; not for real use)"
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
@@ -70,7 +71,7 @@ def _key_text(rep: dict[str, Any]) -> str:
 def cmd_keygen(args: argparse.Namespace) -> int:
     recipe = parse_recipe(args.transforms)
     if args.passphrase is not None:
-        passphrase = sys.stdin.readline().rstrip("\n") if args.passphrase == "-" else args.passphrase
+        passphrase = sys.stdin.readline().rstrip("\r\n") if args.passphrase == "-" else args.passphrase
         try:
             salt = bytes.fromhex(args.salt) if args.salt is not None else None
         except ValueError:
@@ -149,7 +150,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
 def cmd_decrypt(args: argparse.Namespace) -> int:
     key = KeySet.load(args.key)
     t = KeyedTransform(key)
-    has_ffx = "ffx" in key.recipe
+    has_ffx = t.has_ffx  # from the compiled tables: an FFX step with an all-zero mask writes 8-bit files
     written = []
     for src, dst in _progress(_outputs(args.inputs, args.output, ".png"), "decrypt"):
         try:
@@ -183,10 +184,22 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_tour(args: argparse.Namespace) -> int:
     """Generate a key, encrypt the embedded sample, check the exact inverse, draw each step."""
+    if 32 % args.block_size:
+        raise BlockkeyError(
+            f"the tour's images are 32x32 and 128x128: use a block size dividing 32, not {args.block_size}"
+        )
     out = Path(args.output)
+    key_path = out / "key.json"
+    if key_path.exists():  # only ever replace the tour's own demo key
+        try:
+            ours = KeySet.load(key_path).meta.get("note") == TOUR_NOTE
+        except BlockkeyError:
+            ours = False
+        if not ours:
+            raise BlockkeyError(f"{key_path} exists and is not a tour key; pick another folder with -o")
     out.mkdir(parents=True, exist_ok=True)
     key = KeySet.generate(args.transforms, args.block_size)
-    key_path = out / "key.json"
+    key = KeySet(key.block_size, key.channels, key.steps, meta={**key.meta, "note": TOUR_NOTE})
     key.save(key_path, overwrite=True)
     image = sample_image()
     t = KeyedTransform(key)
@@ -343,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_info)
 
     for name, func, what in (
-        ("encrypt", cmd_encrypt, "encrypt image files to PNG ciphertexts (16-bit when FFX codes exceed 255)"),
+        ("encrypt", cmd_encrypt, "encrypt image files to PNG ciphertexts (16-bit PNG for keys with an FFX step)"),
         ("decrypt", cmd_decrypt, "decrypt PNG ciphertexts back to the original pixels"),
     ):
         sp = add(name, what)

@@ -108,7 +108,7 @@ def from_blocks(b: Tensor, block_size: int, channels: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class BlockPlan:
     """A key set compiled to one block: ``out[k] = codes[k, in[src[k]]]``.
 
@@ -127,7 +127,11 @@ class BlockPlan:
 
     @property
     def has_ffx(self) -> bool:
+        """True when some position holds FFX codes (0..999): then integer codes need int16."""
         return bool((self.domain != PIXEL_MAX).any())
+
+    def __repr__(self) -> str:  # never the tables: they are the key
+        return f"BlockPlan(block_size={self.block_size}, channels={self.channels}, has_ffx={self.has_ffx})"
 
 
 def compile_block_plan(key: KeySet) -> BlockPlan:
@@ -153,7 +157,7 @@ def compile_block_plan(key: KeySet) -> BlockPlan:
     return BlockPlan(key.block_size, key.channels, src, codes, domain)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Plan:
     """A key set compiled for images of one size ``(C, H, W)`` on one device.
 
@@ -201,6 +205,10 @@ class Plan:
     @property
     def device(self) -> torch.device:
         return self.index.device
+
+    def __repr__(self) -> str:  # never the index or tables: they are the key
+        tables, ffx = self.lut.shape[0], self.block.has_ffx
+        return f"Plan(shape={self.shape}, tables={tables}, has_ffx={ffx}, device={self.device})"
 
 
 def compile_plan(key: KeySet | BlockPlan, size: Sequence[int], device: torch.device | str | None = None) -> Plan:
@@ -293,13 +301,13 @@ def _lookup(xf: Tensor, offsets: Tensor, table: Tensor) -> Tensor:
 
 
 def encrypt(x: Tensor, plan: Plan) -> Tensor:
-    """Apply the keyed plan: ``(..., C, H, W)`` image batch -> float32 in [0, 1], same shape.
+    """Apply the keyed plan: ``(..., C, H, W)`` image batch -> float in [0, 1], same shape.
 
-    ``x`` is uint8 (canonical; the output is float32) or float in [0, 1] (the output keeps its
-    dtype). For key sets without FFX, a float input takes
-    the differentiable path (a gather and ``x * sign + flip``), so gradients flow through shuffle
-    and negpos. FFX is a table lookup: float inputs are quantised with ``round(255 x)`` first and
-    no gradient flows through it.
+    ``x`` is uint8 (canonical) or float in [0, 1]. The output is float32 (float64 for float64
+    input; float16 and bfloat16 are computed and returned in float32, too coarse for ``1 - x``).
+    For key sets without FFX, a float input takes the differentiable path (a gather and
+    ``x * sign + flip``), so gradients flow through shuffle and negpos. FFX is a table lookup: float
+    inputs are quantised with ``round(255 x)`` first and no gradient flows through it.
     """
     xf = _flat(x, plan)
     if x.dtype == torch.uint8:
@@ -308,11 +316,13 @@ def encrypt(x: Tensor, plan: Plan) -> Tensor:
         else:
             y = _lookup(xf, plan.cls_in, plan.lut)
     elif x.is_floating_point():
+        if x.dtype in (torch.float16, torch.bfloat16):  # too coarse to hold 1 - x exactly: use float32
+            xf = xf.float()
         if plan.sign_in is not None:
-            y = torch.addcmul(plan.flip_in.to(x.dtype), xf, plan.sign_in.to(x.dtype))
+            y = torch.addcmul(plan.flip_in.to(xf.dtype), xf, plan.sign_in.to(xf.dtype))
         else:
             q = xf.detach().clamp(0, 1).mul(PIXEL_MAX).round_().to(torch.uint8)
-            y = _lookup(q, plan.cls_in, plan.lut).to(x.dtype)
+            y = _lookup(q, plan.cls_in, plan.lut).to(xf.dtype)
     else:
         raise TypeError(f"expected a uint8 or floating-point image tensor; got {x.dtype}")
     return y.index_select(1, plan.index).view(x.shape)
@@ -415,7 +425,10 @@ def negpos_flip(x: Tensor, mask: Tensor | Sequence[int], block_size: int) -> Ten
 
 
 def ffx_encrypt(x: Tensor, mask: Tensor | Sequence[int], password: str, block_size: int) -> Tensor:
-    """FFX codes (int16, 0..999) where ``mask[k]``, the pixel value elsewhere; uint8 input only."""
+    """FFX codes (0..999) where ``mask[k]``, the pixel value elsewhere; uint8 input only.
+
+    The result is int16, or uint8 if the mask is all zeros (then no code exceeds 255).
+    """
     if x.dtype != torch.uint8:
         raise TypeError(f"ffx_encrypt takes uint8 pixels; got {x.dtype}")
     return _single(x, FFX(_as_tuple(mask), password), block_size)

@@ -9,6 +9,7 @@ Lossy output formats are refused: they would destroy a ciphertext.
 from __future__ import annotations
 
 import os
+import zlib
 from importlib import resources
 from pathlib import Path
 
@@ -45,6 +46,10 @@ def read_image(path: str | os.PathLike[str]) -> Tensor:
     """An 8-bit image file -> uint8 tensor ``(C, H, W)``; C is 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA)."""
     try:
         with Image.open(path) as im:
+            if im.format == "PNG" and _png_bit_depth(path) == 16:
+                raise ImageFileError(
+                    f"{path}: 16-bit PNG; blockkey encrypts 8-bit pixels (a 16-bit PNG may be a ciphertext: decrypt it)"
+                )
             if im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             elif im.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
@@ -54,11 +59,21 @@ def read_image(path: str | os.PathLike[str]) -> Tensor:
             arr = np.asarray(im)
     except FileNotFoundError:
         raise ImageFileError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, ImageFileError):
-            raise
+    except IsADirectoryError:
+        raise ImageFileError(f"{path}: is a directory, not an image") from None
+    except Image.DecompressionBombError as e:
+        raise ImageFileError(f"{path}: image too large ({e})") from None
+    except ImageFileError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, zlib.error) as e:
         raise ImageFileError(f"{path}: cannot read image ({e})") from None
     return _to_chw(arr)
+
+
+def _png_bit_depth(path: str | os.PathLike[str]) -> int:
+    with open(path, "rb") as f:
+        head = f.read(25)
+    return head[24] if len(head) == 25 and head[12:16] == b"IHDR" else 8
 
 
 def read_codes(path: str | os.PathLike[str]) -> Tensor:
@@ -69,7 +84,9 @@ def read_codes(path: str | os.PathLike[str]) -> Tensor:
             arr = np.vstack([np.asarray(r) for r in rows])
     except FileNotFoundError:
         raise ImageFileError(f"{path}: no such file") from None
-    except (png.Error, OSError, ValueError) as e:
+    except IsADirectoryError:
+        raise ImageFileError(f"{path}: is a directory, not an image") from None
+    except (png.Error, OSError, ValueError, zlib.error) as e:
         raise ImageFileError(f"{path}: not a readable PNG ciphertext ({e})") from None
     planes = info["planes"]
     arr = arr.reshape(height, width, planes)
@@ -103,6 +120,8 @@ def write_png(path: str | os.PathLike[str], x: Tensor, *, overwrite: bool = Fals
         with open(tmp, "wb") as f:
             writer.write(f, arr.reshape(arr.shape[0], -1).astype(np.uint16 if bitdepth == 16 else np.uint8))
         os.replace(tmp, path)
+    except OSError as e:  # name the file the user asked for, not the temporary one
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -44,7 +44,8 @@ KEY_FORMAT_VERSION = 1
 LAYOUT = "row,col,channel"
 #: scrypt cost parameters for :meth:`KeySet.derive` (about 32 MiB and 0.1 s per derivation).
 SCRYPT_PARAMS = {"n": 2**15, "r": 8, "p": 1}
-_GENERATED_PASSWORD_BYTES = 16  # 128 bits of OS entropy, written as 32 hex digits
+_PASSWORD_ALPHABET = string.digits + string.ascii_lowercase
+_GENERATED_PASSWORD_CHARS = 25  # 25 base-36 characters: 129.2 bits, exactly what password_bits() credits
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,7 +65,11 @@ class Shuffle:
 
     def validate(self, length: int) -> None:
         if len(self.perm) != length or sorted(self.perm) != list(range(length)):
-            raise KeyFileError(f"shuffle: perm must be a permutation of 0..{length - 1}; got {_short(self.perm)}")
+            # Never echo the values: error messages end up in terminals and logs.
+            raise KeyFileError(
+                f"shuffle: perm must be a permutation of 0..{length - 1}; got {len(self.perm)} values, "
+                f"{len(set(self.perm))} distinct"
+            )
 
     def key_bits(self) -> float:
         return math.lgamma(len(self.perm) + 1) / math.log(2)
@@ -112,6 +117,10 @@ class FFX:
         _check_mask("ffx", self.mask, length)
         if not isinstance(self.password, str) or not self.password:
             raise KeyFileError("ffx: password must be a non-empty string")
+        try:
+            self.password.encode("utf-8")
+        except UnicodeEncodeError:
+            raise KeyFileError("ffx: password is not valid Unicode text") from None
 
     def key_bits(self) -> float:
         return float(len(self.mask)) + password_bits(self.password)
@@ -124,21 +133,17 @@ Step = Shuffle | NegPos | FFX
 STEP_NAMES = ("shuffle", "negpos", "ffx")
 
 
-def _short(seq: Sequence[Any]) -> str:
-    text = repr(list(seq))
-    return text if len(text) <= 60 else text[:57] + "...]"
-
-
 def _check_mask(name: str, mask: Sequence[int], length: int) -> None:
     if len(mask) != length or any(b not in (0, 1) or isinstance(b, bool) for b in mask):
-        raise KeyFileError(f"{name}: mask must be {length} values, each 0 or 1; got {_short(mask)}")
+        bad = sum(1 for b in mask if b not in (0, 1) or isinstance(b, bool))
+        raise KeyFileError(f"{name}: mask must be {length} values, each 0 or 1; got {len(mask)} values, {bad} invalid")
 
 
 def password_bits(password: str) -> float:
     """Upper bound on a password's entropy: length x log2(size of the character classes it uses).
 
-    A password made by :meth:`KeySet.generate` or :meth:`KeySet.derive` is 32 hex digits from
-    128 random bits; the bound (165 bits) then overstates it, so those keys record 128 instead.
+    Generated passwords are 25 uniformly random base-36 characters, for which the bound is exact
+    (129.2 bits). Only the string is looked at: nothing outside the key material is trusted.
     """
     classes = [string.ascii_lowercase, string.ascii_uppercase, string.digits]
     size = sum(len(c) for c in classes if any(ch in c for ch in password))
@@ -209,8 +214,16 @@ def _random_perm(rng: _Random, length: int) -> tuple[int, ...]:
 
 
 def _random_mask(rng: _Random, length: int) -> tuple[int, ...]:
-    bits = int.from_bytes(rng.token((length + 7) // 8), "big")
-    return tuple((bits >> i) & 1 for i in range(length))
+    """Independent uniform bits, redrawn if all zero (a step that does nothing is no key)."""
+    while True:
+        bits = int.from_bytes(rng.token((length + 7) // 8), "big")
+        mask = tuple((bits >> i) & 1 for i in range(length))
+        if any(mask):
+            return mask
+
+
+def _random_password(rng: _Random) -> str:
+    return "".join(_PASSWORD_ALPHABET[rng.randbelow(len(_PASSWORD_ALPHABET))] for _ in range(_GENERATED_PASSWORD_CHARS))
 
 
 def _random_step(name: str, rng: _Random, length: int) -> Step:
@@ -219,7 +232,7 @@ def _random_step(name: str, rng: _Random, length: int) -> Step:
     if name == "negpos":
         return NegPos(_random_mask(rng, length))
     if name == "ffx":
-        return FFX(_random_mask(rng, length), rng.token(_GENERATED_PASSWORD_BYTES).hex())
+        return FFX(_random_mask(rng, length), _random_password(rng))
     raise KeyFileError(f"unknown transform {name!r}; expected one of {', '.join(STEP_NAMES)}")
 
 
@@ -304,13 +317,15 @@ class KeySet:
         """
         if not passphrase:
             raise KeyFileError("passphrase must not be empty")
+        try:
+            secret = passphrase.encode("utf-8")
+        except UnicodeEncodeError:
+            raise KeyFileError("the passphrase is not valid Unicode text") from None
         names = parse_recipe(recipe)
         length = _block_len(block_size, channels)
         salt = secrets.token_bytes(16) if salt is None else salt
         context = json.dumps([list(names), block_size, channels]).encode()
-        seed = hashlib.scrypt(
-            passphrase.encode("utf-8"), salt=salt + b"|" + context, dklen=32, maxmem=2**26, **SCRYPT_PARAMS
-        )
+        seed = hashlib.scrypt(secret, salt=salt + b"|" + context, dklen=32, maxmem=2**26, **SCRYPT_PARAMS)
         rng = _KDFStream(seed)
         steps = tuple(_random_step(n, rng, length) for n in names)
         meta = {"source": "scrypt", "kdf": {"name": "scrypt", "salt": salt.hex(), **SCRYPT_PARAMS}}
@@ -336,18 +351,11 @@ class KeySet:
     def key_space_bits(self) -> list[tuple[str, float]]:
         """log2 of the key space per step, in order: ``[(name, bits), ...]``.
 
-        Shuffle ``log2(L!)``, negpos ``L``; ffx ``L`` plus the password's entropy: 128 bits for a
-        generated or derived password, else an upper bound from its length and character classes.
-        The total (:meth:`key_space_total`) is an upper bound on the number of distinct transforms.
+        Shuffle ``log2(L!)``, negpos ``L``, ffx ``L`` plus an upper bound on the password's entropy
+        (:func:`password_bits`). The total (:meth:`key_space_total`) bounds the number of distinct
+        transforms from above. A key derived from a passphrase is never stronger than the passphrase.
         """
-        generated = self.meta.get("source") in ("os-entropy", "scrypt")
-        rows = []
-        for s in self.steps:
-            if isinstance(s, FFX) and generated:
-                rows.append((s.name, len(s.mask) + 8.0 * _GENERATED_PASSWORD_BYTES))
-            else:
-                rows.append((s.name, s.key_bits()))
-        return rows
+        return [(s.name, s.key_bits()) for s in self.steps]
 
     def key_space_total(self) -> float:
         return sum(b for _, b in self.key_space_bits())
@@ -410,7 +418,10 @@ class KeySet:
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; refusing to overwrite a key file (use --force)")
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:  # name the file the user asked for, not the temporary one
+            raise OSError(e.errno, e.strerror, str(path)) from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(self.to_json(), f, indent=1)
@@ -446,6 +457,8 @@ class KeySet:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
             raise KeyFileError(f"key file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        except RecursionError:
+            raise KeyFileError(f"key file {path} is not a key file (JSON nested too deeply)") from None
         try:
             return cls.from_json(doc)
         except KeyFileError as e:

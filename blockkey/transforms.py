@@ -45,6 +45,11 @@ class KeyedTransform(nn.Module):
         self.register_buffer("domain", bp.domain, persistent=False)
         self._plans: dict[tuple[int, int, str], F.Plan] = {}
 
+    @property
+    def has_ffx(self) -> bool:
+        """True when some position holds FFX codes: integer codes are then int16 (16-bit PNG files)."""
+        return bool((self.domain != F.PIXEL_MAX).any())
+
     def plan(self, size: tuple[int, int] | torch.Size, device: torch.device | str | None = None) -> F.Plan:
         """The compiled plan for images of spatial size ``(H, W)`` on ``device`` (cached)."""
         dev = torch.device(device) if device is not None else self.src.device

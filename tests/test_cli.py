@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blockkey import KeySet
+from blockkey import FFX, KeySet
 from blockkey.cli import main
 from blockkey.imageio import read_codes
 
@@ -164,3 +164,69 @@ def test_help_and_module_entry_point():
     for cmd in ["--help", "keygen --help", "encrypt --help", "show --help", "tour --help"]:
         r = subprocess.run([sys.executable, "-m", "blockkey", *cmd.split()], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: blockkey" in r.stdout
+
+
+def crafted_png(path, width, height, bitdepth=8, colour=2, data=b"", corrupt=False):
+    """A PNG written by hand: valid chunks and CRCs, optionally a corrupt compressed stream."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    raw = data if corrupt else zlib.compress(data)
+    ihdr = struct.pack(">IIBBBBB", width, height, bitdepth, colour, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+    return path
+
+
+class TestReviewRegressions:
+    def test_zero_mask_ffx_key_roundtrips(self, tmp_path, capsys):
+        key = KeySet(1, 3, (KeySet.generate("shuffle", 1).steps[0], FFX((0, 0, 0), "pw")))
+        key.save(tmp_path / "k.json")
+        src = write_rgb(tmp_path / "a.png", 4, 4)
+        assert run(capsys, "encrypt", "--key", tmp_path / "k.json", src, "-o", tmp_path / "e")[0] == 0
+        assert (
+            run(capsys, "decrypt", "--key", tmp_path / "k.json", tmp_path / "e" / "a.png", "-o", tmp_path / "d")[0] == 0
+        )
+        assert np.array_equal(pixels(src), pixels(tmp_path / "d" / "a.png"))
+
+    def test_broken_and_hostile_images(self, tmp_path, key_path, capsys):
+        cases = {
+            "badz.png": crafted_png(tmp_path / "badz.png", 4, 4, data=b"\x00" * 40, corrupt=True),
+            "bomb.png": crafted_png(tmp_path / "bomb.png", 20000, 10000, data=b"\x00" * 10),
+            "deep16.png": crafted_png(tmp_path / "deep16.png", 4, 4, 16, data=(b"\x00" + b"\x01" * 24) * 4),
+        }
+        for name, path in cases.items():
+            code, _, err = run(capsys, "encrypt", "--key", key_path, path, "-o", tmp_path / "out")
+            assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, name
+        code, _, err = run(capsys, "decrypt", "--key", key_path, cases["badz.png"], "-o", tmp_path / "out")
+        assert code == 2 and "not a readable PNG" in err
+        code, _, err = run(capsys, "encrypt", "--key", key_path, tmp_path, "-o", tmp_path / "out")
+        assert code == 2 and "is a directory" in err
+
+    def test_errors_name_the_real_path_not_a_temp_file(self, tmp_path, capsys):
+        target = tmp_path / "missing-dir" / "k.json"
+        code, _, err = run(capsys, "keygen", "--transforms", "shuffle", "--block-size", 2, "-o", target)
+        assert code == 2 and str(target) in err and ".tmp" not in err
+
+    def test_stdin_passphrase_ignores_crlf(self, tmp_path, capsys, monkeypatch):
+        import io
+
+        args = ["keygen", "--transforms", "shuffle", "--block-size", 2, "--salt", "00"]
+        assert run(capsys, *args, "--passphrase", "secret", "-o", tmp_path / "a.json")[0] == 0
+        monkeypatch.setattr("sys.stdin", io.StringIO("secret\r\n"))
+        assert run(capsys, *args, "--passphrase", "-", "-o", tmp_path / "b.json")[0] == 0
+        assert KeySet.load(tmp_path / "a.json") == KeySet.load(tmp_path / "b.json")
+
+    def test_tour_never_replaces_a_real_key(self, tmp_path, capsys):
+        real = tmp_path / "keys"
+        real.mkdir()
+        KeySet.generate("shuffle", 4).save(real / "key.json")
+        before = (real / "key.json").read_text()
+        code, _, err = run(capsys, "tour", "-o", real)
+        assert code == 2 and "not a tour key" in err and (real / "key.json").read_text() == before
+        assert run(capsys, "tour", "-o", tmp_path / "t")[0] == 0
+        assert run(capsys, "tour", "-o", tmp_path / "t")[0] == 0  # its own demo key may be replaced
+        code, _, err = run(capsys, "tour", "-o", tmp_path / "t64", "--block-size", 64)
+        assert code == 2 and "block size dividing 32" in err and not (tmp_path / "t64").exists()

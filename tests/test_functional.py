@@ -224,3 +224,23 @@ def test_distinct_keys_give_distinct_outputs():
     outs = [F.encrypt(x, F.compile_plan(rand_key("shuffle,negpos,ffx", 4, seed=s), (8, 8))) for s in range(4)]
     for a, b in itertools.combinations(outs, 2):
         assert not torch.equal(a, b)
+
+
+class TestReviewRegressions:
+    def test_plan_repr_hides_tables(self):
+        key = rand_key("shuffle,ffx", 2)
+        plan = F.compile_plan(key, (2, 2))
+        text = repr(plan) + repr(plan.block)
+        assert "tensor" not in text and "has_ffx=True" in text
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    @pytest.mark.parametrize("recipe", ["shuffle,negpos", "negpos,ffx"])
+    def test_low_precision_inputs_computed_in_float32(self, dtype, recipe):
+        plan = F.compile_plan(rand_key(recipe, 2), (4, 4))
+        x = images(3, 3, 4, 4)
+        low = (x.float() / 255).to(dtype)
+        y = F.encrypt(low, plan)
+        assert y.dtype == torch.float32
+        assert torch.equal(y, F.encrypt(low.float(), plan))
+        if "ffx" in recipe:  # quantised back to the exact pixels, then decrypts bit for bit
+            assert torch.equal(F.decrypt(y, plan), (low.float() * 255).round().to(torch.uint8))

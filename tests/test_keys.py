@@ -21,7 +21,7 @@ class TestGenerate:
         assert a.recipe == ("shuffle", "negpos", "ffx") and a.block_len == 48
         assert sorted(a.steps[0].perm) == list(range(48))
         assert a.fingerprint != b.fingerprint
-        assert a.steps[2].password != b.steps[2].password and len(a.steps[2].password) == 32
+        assert a.steps[2].password != b.steps[2].password and len(a.steps[2].password) == 25
 
     def test_global_rngs_untouched(self):
         states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
@@ -140,7 +140,7 @@ class TestReport:
         bits = dict(key.key_space_bits())
         assert bits["shuffle"] == pytest.approx(math.log2(math.factorial(48)))
         assert bits["negpos"] == 48
-        assert bits["ffx"] == 48 + 128  # generated password: 128 bits of OS entropy
+        assert bits["ffx"] == pytest.approx(48 + 25 * math.log2(36))  # 25 random base-36 characters
         assert key.key_space_total() == pytest.approx(sum(bits.values()))
         hand = KeySet(4, 3, (FFX((1,) * 48, "password"),))
         assert dict(hand.key_space_bits())["ffx"] == pytest.approx(48 + 8 * math.log2(26))
@@ -150,3 +150,41 @@ class TestReport:
         text = repr(key) + str(key) + repr(key.steps)
         assert key.fingerprint in text and key.steps[0].password not in text
         assert "0, 1" not in repr(KeySet.generate("shuffle,negpos", 2).steps)
+
+
+class TestReviewRegressions:
+    def test_errors_do_not_echo_key_material(self, tmp_path):
+        perm = list(range(12))
+        perm[3] = 7
+        doc = {
+            "format": "blockkey.keyset",
+            "version": 1,
+            "block_size": 2,
+            "channels": 3,
+            "steps": [{"type": "shuffle", "perm": perm}],
+        }
+        (tmp_path / "k.json").write_text(json.dumps(doc))
+        with pytest.raises(KeyFileError) as e:
+            KeySet.load(tmp_path / "k.json")
+        assert "7" not in str(e.value).replace("0..11", "") and "11 distinct" in str(e.value)
+
+    def test_key_space_ignores_unverified_meta(self):
+        doc = KeySet(4, 3, (FFX((1,) * 48, "a"),)).to_json()
+        doc["meta"] = {"source": "os-entropy"}
+        assert dict(KeySet.from_json(doc).key_space_bits())["ffx"] == pytest.approx(48 + math.log2(26))
+
+    def test_bad_unicode_and_deep_json(self, tmp_path):
+        with pytest.raises(KeyFileError, match="not valid Unicode"):
+            KeySet.derive("\ud800", "shuffle", 2, salt=b"s")
+        doc = KeySet(2, 3, (FFX((1,) * 12, "x"),)).to_json()
+        doc["steps"][0]["password"] = "\ud800"
+        doc.pop("fingerprint")
+        (tmp_path / "k.json").write_text(json.dumps(doc))
+        with pytest.raises(KeyFileError, match="not valid Unicode"):
+            KeySet.load(tmp_path / "k.json")
+        (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+        with pytest.raises(KeyFileError, match="nested too deeply"):
+            KeySet.load(tmp_path / "deep.json")
+
+    def test_generated_masks_are_never_empty(self):
+        assert all(any(KeySet.generate("ffx", 1, 1).steps[0].mask) for _ in range(50))
