@@ -316,6 +316,7 @@ class BatchLoader:
         else:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(n, generator=g)
+            order = order[: n - n % self.world_size]  # every rank gets as many batches (or DDP deadlocks)
         return order[self.rank :: self.world_size]
 
     def __len__(self) -> int:

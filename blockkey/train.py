@@ -145,18 +145,20 @@ class _Dist:
         return self.rank == 0
 
 
-def _init_distributed(device: torch.device) -> tuple[_Dist, torch.device]:
+def _init_distributed(device: torch.device) -> tuple[_Dist, torch.device, bool]:
+    """Rank, world size and device under torchrun; True if this call started the process group."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return _Dist(), device
+        return _Dist(), device, False
     import torch.distributed as dist
 
     d = _Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return d, device
+    if dist.is_initialized():
+        return d, device, False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device, True
 
 
 @torch.no_grad()
@@ -194,13 +196,34 @@ def fit(
     ``data_info`` (the data's source and split) is stored in the metadata as given. Returns the run's
     metadata (also written to ``run_dir/meta.json``).
     """
+    device = pick_device(str(device) if device is not None else None)
+    dist, device, owns_group = _init_distributed(device)
+    try:
+        return _fit(train, val, key, cfg, Path(run_dir), resume, device, dist, log, progress, data_info)
+    finally:
+        if owns_group:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
+
+
+def _fit(
+    train: ImageTensors,
+    val: ImageTensors | None,
+    key: KeySet | None,
+    cfg: TrainConfig,
+    run: Path,
+    resume: bool,
+    device: torch.device,
+    dist: _Dist,
+    log: Callable[[str], None] | None,
+    progress: bool,
+    data_info: dict[str, Any] | None,
+) -> RunMeta:
     from tqdm import tqdm
 
-    device = pick_device(str(device) if device is not None else None)
-    dist, device = _init_distributed(device)
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     say = log if dist.main else (lambda s: None)
-    run = Path(run_dir)
     if key is not None and train.image_shape[0] != key.channels:
         raise CheckpointError(f"the key is for {key.channels}-channel images; the data has {train.image_shape[0]}")
     if key is not None and (train.image_shape[1] % key.block_size or train.image_shape[2] % key.block_size):
@@ -288,6 +311,7 @@ def fit(
         "normalize": normalize.to_json() if normalize is not None else None,
         "config": asdict(cfg),
         "data": data_info or {},
+        "world_size": dist.world_size,
         "versions": _versions(),
     }
     for epoch in range(start_epoch, cfg.epochs):

@@ -232,3 +232,121 @@ def test_corrupt_checkpoint_refused(tmp_path):
     os.remove(tmp_path / "run" / "meta.json")
     with pytest.raises(CheckpointError, match=r"no meta\.json"):
         load_model(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    """torchrun with 2 CPU processes (gloo): trains, rank 0 writes one run, world size recorded."""
+    import subprocess
+    import sys
+
+    data = colour_data(16)
+    root = write_folder(tmp_path / "ds", data)
+    key = rand_key("shuffle,negpos", 4)
+    key.save(tmp_path / "k.json")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "blockkey",
+        "train",
+        "--data",
+        str(root),
+        "--key",
+        str(tmp_path / "k.json"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--model",
+        "fastnet",
+        "--amp",
+        "off",
+        "--val-fraction",
+        "0.25",
+        "--lr",
+        "0.05",
+        "-o",
+        str(tmp_path / "run"),
+    ]
+    env = {**os.environ, "BLOCKKEY_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["epochs_done"] == 2
+    model, _ = load_model(tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert r.stderr.count("training fastnet") == 1  # only rank 0 logs
+
+
+class TestCLIErrors:
+    @pytest.fixture
+    def trained(self, tmp_path):
+        from blockkey.cli import main
+
+        data = colour_data(8)
+        root = write_folder(tmp_path / "ds", data)
+        rand_key("shuffle,negpos", 4).save(tmp_path / "k.json")
+        args = [
+            "train",
+            "--data",
+            root,
+            "--key",
+            tmp_path / "k.json",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--amp",
+            "off",
+            "-o",
+            tmp_path / "run",
+        ]
+        assert main([str(a) for a in args]) == 0
+        return tmp_path
+
+    def run(self, capsys, *argv):
+        from blockkey.cli import main
+
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return code, err
+
+    def test_train_and_evaluate_errors(self, trained, capsys):
+        t = trained
+        code, err = self.run(capsys, "train", "--data", t / "nope", "--no-key", "-o", t / "r2")
+        assert code == 2 and "does not exist" in err and err.count("\n") == 1
+        rand_key("shuffle", 3).save(t / "k3.json")
+        code, err = self.run(
+            capsys, "train", "--data", t / "ds", "--key", t / "k3.json", "--batch-size", 8, "-o", t / "r3"
+        )
+        assert code == 2 and "not divisible by the block size 3" in err
+        code, err = self.run(capsys, "train", "--data", t / "ds", "--no-key", "-o", t / "run")
+        assert code == 2 and "already holds a run" in err
+        code, err = self.run(capsys, "evaluate", "--model", t / "run", "--key", t / "k3.json", "--wrong-keys", "0")
+        assert code == 2 and "the key is for M=3" in err
+        code, _ = self.run(
+            capsys,
+            "evaluate",
+            "--model",
+            t / "run",
+            "--key",
+            t / "k.json",
+            "--wrong-keys",
+            "2",
+            "--plot",
+            t / "bars.png",
+            "--json",
+        )
+        assert code == 0 and (t / "bars.png").exists()
+        (t / "run" / "model.safetensors").write_bytes(b"\0" * 64)
+        code, err = self.run(capsys, "evaluate", "--model", t / "run", "--key", t / "k.json")
+        assert code == 2 and "corrupt weights" in err and err.count("\n") == 1
+        code, err = self.run(capsys, "evaluate", "--model", t / "nothing", "--key", t / "k.json")
+        assert code == 2 and "not a run directory" in err
