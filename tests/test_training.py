@@ -248,10 +248,9 @@ def test_ddp_two_cpu_processes(tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # picks a free port: no clash with other runs
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29517",
         "-m",
         "blockkey",
         "train",
