@@ -258,6 +258,7 @@ def _load_data(spec: str, *, train: bool, root: str | None) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import stratified_split, stratified_subset
+    from .models import block_aligned
     from .train import TrainConfig, fit
 
     key = None if args.no_key else KeySet.load(args.key)
@@ -265,8 +266,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.limit:
         data = stratified_subset(data, args.limit, args.seed)
     train, val = stratified_split(data, args.val_fraction, args.seed)
+    model_kwargs = {}
+    if block_aligned(args.model):  # patch embedding aligned with the key's blocks (the twin: --patch)
+        model_kwargs["patch"] = key.block_size if key is not None else args.patch
     cfg = TrainConfig(
         model=args.model,
+        model_kwargs=model_kwargs,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -382,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--model", default="fastnet", help="registered model or tv_<torchvision name> (default %(default)s)"
     )
+    sp.add_argument("--patch", type=int, default=4, help="patch size of block-aligned models without a key")
     sp.add_argument("--epochs", type=int, default=10)
     sp.add_argument("--batch-size", type=int, default=256)
     sp.add_argument("--lr", type=float, default=0.2, help="peak learning rate (default %(default)s)")

@@ -2,6 +2,10 @@
 
 - ``resnet18_cifar``: the paper's CIFAR ResNet-18 (3x3 stem, stride 1, no max-pool; 11.2M parameters).
 - ``fastnet``: an airbench-style net sized for CPU budgets (about 1.5M parameters at width 1).
+- ``patchnet``: block-aligned: a patch embedding with kernel = stride = the key's block size, then a
+  conv trunk on the grid of blocks. A within-block shuffle or negpos is a linear map of each block
+  vector, which the embedding absorbs: with per-position normalisation, training on shuffled or
+  flipped blocks is distributed exactly like training on plain images.
 - ``tv_<name>``: any torchvision classification model by name, e.g. ``tv_resnet50``.
 """
 
@@ -14,7 +18,7 @@ from torch import nn
 
 from .errors import BlockkeyError
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["block_aligned", "create_model", "list_models", "register_model"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -27,6 +31,13 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 def list_models() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def block_aligned(name: str) -> bool:
+    """True for models with a ``patch`` argument: the trainer sets it to the key's block size."""
+    import inspect
+
+    return name in _REGISTRY and "patch" in inspect.signature(_REGISTRY[name]).parameters
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
@@ -131,3 +142,36 @@ class FastNet(nn.Module):
 def fastnet(num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     widths = tuple(max(8, round(w * width)) for w in (64, 128, 256))
     return FastNet(num_classes, in_channels, widths)
+
+
+class PatchNet(nn.Module):
+    def __init__(
+        self, num_classes: int, in_channels: int = 3, patch: int = 4, widths: tuple[int, ...] = (128, 256, 256)
+    ) -> None:
+        super().__init__()
+        w0 = widths[0]
+        self.embed = nn.Sequential(
+            nn.Conv2d(in_channels, w0, patch, patch, bias=False),
+            nn.BatchNorm2d(w0),
+            nn.GELU(),
+            nn.Conv2d(w0, w0, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w0),
+            nn.GELU(),
+        )
+        groups, cin = [], w0
+        for w in widths[1:]:
+            groups.append(ConvGroup(cin, w))
+            cin = w
+        self.groups = nn.Sequential(*groups)
+        self.head = nn.Linear(cin, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.groups(self.embed(x))
+        return self.head(torch.flatten(nn.functional.adaptive_max_pool2d(x, 1), 1))
+
+
+@register_model
+def patchnet(num_classes: int, in_channels: int = 3, patch: int = 4, width: float = 1.0) -> nn.Module:
+    """Block-aligned net: set ``patch`` to the key's block size (the trainer does)."""
+    widths = tuple(max(8, round(w * width)) for w in (128, 256, 256))
+    return PatchNet(num_classes, in_channels, patch, widths)

@@ -349,3 +349,33 @@ class TestCLIErrors:
         assert code == 2 and "corrupt weights" in err and err.count("\n") == 1
         code, err = self.run(capsys, "evaluate", "--model", t / "nothing", "--key", t / "k.json")
         assert code == 2 and "not a run directory" in err
+
+
+def test_block_aligned_model_takes_the_key_block_size(tmp_path):
+    from blockkey.cli import main
+    from blockkey.models import block_aligned
+
+    assert block_aligned("patchnet") and not block_aligned("fastnet")
+    root = write_folder(tmp_path / "ds", colour_data(6))
+    rand_key("shuffle,negpos", 2).save(tmp_path / "k.json")
+    args = [
+        "train",
+        "--data",
+        root,
+        "--key",
+        tmp_path / "k.json",
+        "--model",
+        "patchnet",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--amp",
+        "off",
+        "-o",
+        tmp_path / "run",
+    ]
+    assert main([str(a) for a in args]) == 0
+    assert json.loads((tmp_path / "run" / "meta.json").read_text())["model_kwargs"] == {"patch": 2}
+    model, _ = load_model(tmp_path / "run")
+    assert model.embed[0].kernel_size == (2, 2) and model.embed[0].stride == (2, 2)
