@@ -31,6 +31,7 @@ __all__ = [
     "Normalize",
     "default_cache_dir",
     "load_dataset",
+    "load_demo",
     "load_image_folder",
     "stratified_split",
     "stratified_subset",
@@ -159,6 +160,27 @@ def load_image_folder(
     return ImageTensors(torch.from_numpy(images), torch.from_numpy(labels), tuple(classes))
 
 
+def load_demo() -> tuple[ImageTensors, ImageTensors]:
+    """The embedded demo set: 9,000 CIFAR-10 training images (Krizhevsky 2009), 900 per class,
+    split 8,000 train / 1,000 test, stored as their original JPEG bytes (8.4 MB). No download.
+    """
+    import io
+    from importlib import resources
+
+    from PIL import Image
+
+    with resources.as_file(resources.files("blockkey") / "data" / "cifar10_demo.npz") as p, np.load(p) as z:
+        blob, offsets, labels, test = z["jpeg"].tobytes(), z["offsets"], z["labels"], z["test"]
+        classes = tuple(str(c) for c in z["classes"])
+    images = np.empty((len(labels), 32, 32, 3), np.uint8)
+    for i in range(len(labels)):
+        with Image.open(io.BytesIO(blob[offsets[i] : offsets[i + 1]])) as im:
+            images[i] = np.asarray(im.convert("RGB"))
+    data = ImageTensors(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), torch.from_numpy(labels), classes)
+    test_t = torch.from_numpy(test)
+    return data.subset(torch.nonzero(~test_t).flatten()), data.subset(torch.nonzero(test_t).flatten())
+
+
 def load_dataset(
     spec: str, *, train: bool = True, root: str | os.PathLike[str] | None = None, download: bool = True
 ) -> ImageTensors:
@@ -241,15 +263,19 @@ class Normalize:
         transform: KeyedTransform | None,
         mode: str = "channel",
         batch_size: int = 1000,
+        block_size: int | None = None,
     ) -> Normalize:
-        """Statistics of the (transformed) images: per channel, or per block position of the key."""
+        """Statistics of the (transformed) images: per channel, or per position of ``M x M`` blocks.
+
+        ``M`` is the key's block size, or ``block_size`` for plain images (a non-protected twin).
+        """
         from .functional import to_blocks
 
         if mode not in ("channel", "position"):
             raise DataError(f"normalisation mode must be 'channel' or 'position'; got {mode!r}")
-        if mode == "position" and transform is None:
-            raise DataError("per-position normalisation needs a key (its block size)")
-        m = transform.block_size if transform is not None else 1
+        m = transform.block_size if transform is not None else (block_size or 1)
+        if mode == "position" and m == 1 and transform is None:
+            raise DataError("per-position normalisation of plain images needs a block size")
         total = total_sq = None
         count = 0
         for i in range(0, len(data), batch_size):

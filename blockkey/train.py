@@ -241,8 +241,10 @@ def _fit(
         run.mkdir(parents=True, exist_ok=True)
 
     transform = KeyedTransform(key) if key is not None else None
-    # The twin without a key has no blocks: it is normalised per channel.
-    normalize = Normalize.fit(train, transform, cfg.norm if key is not None else "channel")
+    # A twin without a key uses the model's patch as its blocks (so both share everything), else channels.
+    twin_blocks = cfg.model_kwargs.get("patch")
+    mode = cfg.norm if (key is not None or twin_blocks) else "channel"
+    normalize = Normalize.fit(train, transform, mode, block_size=twin_blocks)
     amp = "bf16" if cfg.amp == "auto" else cfg.amp
 
     with torch.random.fork_rng(devices=[]):  # the init seed does not leak into the caller's global RNG

@@ -230,3 +230,24 @@ class TestReviewRegressions:
         assert run(capsys, "tour", "-o", tmp_path / "t")[0] == 0  # its own demo key may be replaced
         code, _, err = run(capsys, "tour", "-o", tmp_path / "t64", "--block-size", 64)
         assert code == 2 and "block size dividing 32" in err and not (tmp_path / "t64").exists()
+
+
+def test_demo_quick(tmp_path, capsys):
+    """The README's main job, shrunk: trains both models, evaluates, never touches a real key."""
+    out = tmp_path / "demo"
+    args = ["demo", "-o", out, "--epochs", "1", "--limit", "400", "--wrong-keys", "2", "--json"]
+    code, stdout, _ = run(capsys, *args)
+    res = json.loads(stdout)
+    assert code == 0 and [r["input"] for r in res["rows"]] == [
+        "plain images",
+        "the correct key",
+        "plain images",
+        "2 random wrong keys",
+    ]
+    assert (out / "protected" / "model.safetensors").exists() and (out / "twin" / "meta.json").exists()
+    assert json.loads((out / "protected" / "meta.json").read_text())["key"]["fingerprint"] == res["key_fingerprint"]
+    assert run(capsys, *args)[0] == 0  # runs again over its own folder
+    (tmp_path / "mine").mkdir()
+    KeySet.generate("shuffle", 4).save(tmp_path / "mine" / "key.json")
+    code, _, err = run(capsys, "demo", "-o", tmp_path / "mine", "--epochs", "1", "--limit", "200")
+    assert code == 2 and "not a demo key" in err
