@@ -86,7 +86,7 @@ def main() -> None:
             for name, ld in pipelines.items()
         }
         for t in timers.values():
-            t.timeit(2)  # warm-up
+            t.timeit(5)  # warm-up (oneDNN builds its kernels on the first calls)
         samples: dict[str, list[float]] = {n: [] for n in timers}
         for _ in range(args.rounds):
             for n, t in timers.items():
