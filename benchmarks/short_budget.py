@@ -1,0 +1,55 @@
+"""Short-budget study: how much accuracy a key costs, per architecture and normalisation.
+
+Trains one model on a stratified 10,000-image sample of the CIFAR-10 training images for a few
+epochs and evaluates it on a stratified 2,000-image sample of the held-out split (correct key,
+plain images, 3 wrong keys). One configuration per call, so a shell loop can sweep them:
+
+    python benchmarks/short_budget.py none fastnet channel 5
+    python benchmarks/short_budget.py shuffle,negpos,ffx patchnet position 5
+
+Arguments: recipe (or none), model, normalisation (channel | position), epochs. The key is
+derived from a fixed passphrase so every configuration sees the same key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+from blockkey import KeySet
+from blockkey.data import load_dataset, stratified_split, stratified_subset
+from blockkey.evaluate import evaluate_run
+from blockkey.models import block_aligned
+from blockkey.train import TrainConfig, fit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("recipe")
+    ap.add_argument("model")
+    ap.add_argument("norm", choices=["channel", "position"])
+    ap.add_argument("epochs", type=int)
+    ap.add_argument("--data", default="../shared/datasets/cifar10/train")
+    ap.add_argument("--train-images", type=int, default=10_000)
+    args = ap.parse_args()
+
+    data = load_dataset(args.data)
+    train, val = stratified_split(data, 0.1, 0)
+    train, val = stratified_subset(train, args.train_images, 0), stratified_subset(val, 2000, 0)
+    key = None if args.recipe == "none" else KeySet.derive("exp", args.recipe, 4, salt=b"exp")
+    kwargs = {"patch": 4} if block_aligned(args.model) else {}
+    cfg = TrainConfig(
+        model=args.model, model_kwargs=kwargs, epochs=args.epochs, norm=args.norm, lr=0.2, label_smoothing=0.1
+    )
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as run:
+        fit(train, val, key, cfg, f"{run}/run", progress=False, log=lambda s: None)
+        report = evaluate_run(f"{run}/run", val, key, wrong_keys=3 if key else 0, progress=False)
+    cells = " | ".join(f"{r['setting']}: {r['accuracy']:.1%}" for r in report.rows)
+    seconds = time.perf_counter() - start
+    print(f"| {args.recipe} | {args.model} | {args.norm} | {args.epochs} | {seconds:.0f} s | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
