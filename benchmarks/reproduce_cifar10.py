@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/reproduce-cifar10")
     ap.add_argument("--only", nargs="*", choices=list(RECIPES), help="recipes to run (default: all not yet done)")
     ap.add_argument("--model", default="patchnet")
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=28)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--val-fraction", type=float, default=0.1)

@@ -270,9 +270,11 @@ def cmd_tour(args: argparse.Namespace) -> int:
     return 0 if exact else 1
 
 
-def _load_data(spec: str, *, train: bool, root: str | None) -> Any:
-    from .data import load_dataset
+def _load_data(spec: str, *, train: bool, root: str | None, stream: int | None = None, workers: int = 2) -> Any:
+    from .data import load_dataset, open_image_folder_stream
 
+    if stream:
+        return open_image_folder_stream(spec, stream, workers)
     return load_dataset(spec, train=train, root=root)
 
 
@@ -282,7 +284,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, fit
 
     key = None if args.no_key else KeySet.load(args.key)
-    data = _load_data(args.data, train=True, root=args.data_root)
+    data = _load_data(args.data, train=True, root=args.data_root, stream=args.stream, workers=args.workers)
     if args.limit:
         data = stratified_subset(data, args.limit, args.seed)
     train, val = stratified_split(data, args.val_fraction, args.seed)
@@ -302,7 +304,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         amp=args.amp,
         norm=args.norm,
     )
-    info = {"source": args.data, "val_fraction": args.val_fraction, "split_seed": args.seed, "limit": args.limit}
+    info = {
+        "source": args.data,
+        "val_fraction": args.val_fraction,
+        "split_seed": args.seed,
+        "limit": args.limit,
+        "stream_image_size": args.stream,
+    }
     meta = fit(train, val, key, cfg, args.output, resume=args.resume, device=args.device, data_info=info)
     last = meta["metrics"]
     text = f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in last.items())
@@ -320,7 +328,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     spec = args.data or meta.get("data", {}).get("source")
     if not spec:
         raise BlockkeyError("--data is needed (the run does not record its data source)")
-    data = _load_data(spec, train=args.split != "test", root=args.data_root)
+    stream = args.stream or meta.get("data", {}).get("stream_image_size")
+    data = _load_data(spec, train=args.split != "test", root=args.data_root, stream=stream, workers=args.workers)
     if args.split == "val":
         d = meta.get("data", {})
         if d.get("limit"):
@@ -436,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, help="use a stratified random sample of N images (quick runs)")
     sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     sp.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTPUT")
+    sp.add_argument(
+        "--stream", type=int, metavar="SIZE", help="data too large for memory: decode per batch at SIZE x SIZE"
+    )
+    sp.add_argument("--workers", type=int, default=2, help="DataLoader workers for --stream (default %(default)s)")
     sp.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run directory")
     sp.set_defaults(func=cmd_train)
 
@@ -453,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--wrong-keys", type=int, default=100, help="random wrong keys to try (default %(default)s)")
     sp.add_argument("--sample", type=int, help="evaluate a stratified random sample of N images")
     sp.add_argument("--plot", help="write a PNG bar plot here")
+    sp.add_argument("--stream", type=int, metavar="SIZE", help="decode per batch at SIZE x SIZE (default: as trained)")
+    sp.add_argument("--workers", type=int, default=2, help="DataLoader workers for --stream (default %(default)s)")
     sp.add_argument("--device", default="auto")
     sp.set_defaults(func=cmd_evaluate)
     return p

@@ -27,12 +27,16 @@ from .transforms import KeyedTransform
 __all__ = [
     "BatchLoader",
     "DataError",
+    "ImageFolderStream",
     "ImageTensors",
     "Normalize",
+    "StreamLoader",
     "default_cache_dir",
     "load_dataset",
     "load_demo",
     "load_image_folder",
+    "make_loader",
+    "open_image_folder_stream",
     "stratified_split",
     "stratified_subset",
 ]
@@ -66,6 +70,96 @@ class ImageTensors:
 
     def subset(self, index: Tensor) -> ImageTensors:
         return ImageTensors(self.images[index], self.labels[index], self.classes)
+
+    def batches(self, batch_size: int) -> Iterator[Tensor]:
+        """The images in order, ``batch_size`` at a time (uint8), e.g. for statistics."""
+        for i in range(0, len(self), batch_size):
+            yield self.images[i : i + batch_size]
+
+
+@dataclass(frozen=True)
+class ImageFolderStream:
+    """An ImageFolder too large for memory: images are decoded per batch by DataLoader workers.
+
+    Every image is brought to ``image_size`` x ``image_size``: random-resized crop and flip for
+    training, resize to ``image_size * 8/7`` and centre crop for evaluation (the ImageNet recipe).
+    Statistics (:meth:`Normalize.fit`) come from the first ``stats_images`` images of the
+    evaluation view.
+    """
+
+    samples: tuple[tuple[str, int], ...]
+    classes: tuple[str, ...]
+    image_size: int
+    workers: int = 2
+    stats_images: int = 2000
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> Tensor:
+        return torch.tensor([label for _, label in self.samples], dtype=torch.int64)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return 3, self.image_size, self.image_size
+
+    def subset(self, index: Tensor) -> ImageFolderStream:
+        picked = tuple(self.samples[i] for i in index.tolist())
+        return ImageFolderStream(picked, self.classes, self.image_size, self.workers, self.stats_images)
+
+    def dataset(self, train: bool) -> torch.utils.data.Dataset:
+        return _FolderDataset(self.samples, self.image_size, train)
+
+    def batches(self, batch_size: int) -> Iterator[Tensor]:
+        n = min(len(self), self.stats_images)
+        sub = self.subset(torch.linspace(0, len(self) - 1, n).round().long().unique())
+        loader = torch.utils.data.DataLoader(sub.dataset(train=False), batch_size, num_workers=self.workers)
+        for x, _ in loader:
+            yield x
+
+
+class _FolderDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: Sequence[tuple[str, int]], size: int, train: bool) -> None:
+        from torchvision.transforms import v2
+
+        self.samples = samples
+        ops = (
+            [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+            if train
+            else [v2.Resize(round(size * 8 / 7), antialias=True), v2.CenterCrop(size)]
+        )
+        self.tf = v2.Compose([v2.PILToTensor(), *ops])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        from PIL import Image
+
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                return self.tf(im.convert("RGB")), label
+        except OSError as e:
+            raise DataError(f"{path}: cannot decode image ({e})") from None
+
+
+def open_image_folder_stream(root: str | os.PathLike[str], image_size: int, workers: int = 2) -> ImageFolderStream:
+    """List an ImageFolder tree for the streaming path (nothing is decoded yet)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} does not exist")
+    try:
+        classes, class_to_idx = find_classes(root)
+        samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+    except (FileNotFoundError, OSError) as e:
+        raise DataError(f"{root}: not an ImageFolder tree (root/<class>/<image>): {e}") from None
+    if not samples:
+        raise DataError(f"{root}: no images found")
+    return ImageFolderStream(tuple(samples), tuple(classes), image_size, workers)
 
 
 def default_cache_dir() -> Path:
@@ -259,7 +353,7 @@ class Normalize:
     @classmethod
     def fit(
         cls,
-        data: ImageTensors,
+        data: ImageTensors | ImageFolderStream,
         transform: KeyedTransform | None,
         mode: str = "channel",
         batch_size: int = 1000,
@@ -278,9 +372,10 @@ class Normalize:
             raise DataError("per-position normalisation of plain images needs a block size")
         total = total_sq = None
         count = 0
-        for i in range(0, len(data), batch_size):
-            x = data.images[i : i + batch_size]
-            y = (transform(x) if transform is not None else x.float() / 255).double()
+        dev = transform.src.device if transform is not None else torch.device("cpu")
+        for x in data.batches(batch_size):
+            x = x.to(dev)
+            y = (transform(x) if transform is not None else x.float() / 255).double().cpu()
             if mode == "position":  # rows: blocks, columns: block positions
                 v = to_blocks(y, m).reshape(-1, y.shape[1] * m * m)
             else:  # rows: pixels, columns: channels
@@ -294,7 +389,78 @@ class Normalize:
         return cls(tuple(mean.tolist()), tuple(std.tolist()), mode, m)
 
 
-class BatchLoader:
+class _KeyedBatches:
+    """What every loader does on the device: key transform (or /255), then normalisation."""
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        transform: KeyedTransform | None,
+        normalize: Normalize | None,
+        device: torch.device | str,
+    ) -> None:
+        self.device = torch.device(device)
+        self.transform = transform.to(self.device) if transform is not None else None
+        self.norm = normalize.tensors(shape, self.device) if normalize is not None else None
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """uint8 batch -> key transform (or /255) -> normalisation: what the network sees."""
+        y = self.transform(x) if self.transform is not None else x.float().div_(255)
+        if self.norm is not None:
+            y = (y - self.norm[0]) / self.norm[1]
+        return y
+
+
+class StreamLoader(_KeyedBatches):
+    """Batches of an :class:`ImageFolderStream`: workers decode and augment uint8 images, the device
+    applies the key and normalises. Order and augmentation are seeded by ``(seed, epoch)``.
+    """
+
+    def __init__(
+        self,
+        data: ImageFolderStream,
+        batch_size: int,
+        *,
+        train: bool,
+        transform: KeyedTransform | None,
+        normalize: Normalize | None,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(data.image_shape, transform, normalize, device)
+        self.data, self.batch_size, self.train, self.seed = data, batch_size, train, seed
+        self.dataset = data.dataset(train)
+        self.sampler = torch.utils.data.DistributedSampler(
+            self.dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train
+        )
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        self.sampler.set_epoch(self.epoch)
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            self.batch_size,
+            sampler=self.sampler,
+            num_workers=self.data.workers,
+            drop_last=self.train,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch),
+            persistent_workers=False,
+        )
+        for x, y in loader:
+            yield self.prepare(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
+
+
+class BatchLoader(_KeyedBatches):
     """Batches of an in-memory :class:`ImageTensors` on ``device``: augment -> key -> normalise.
 
     Each epoch's order and augmentation come from ``(seed, epoch)`` alone, so a resumed run sees the
@@ -318,22 +484,16 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.device = torch.device(device)
+        super().__init__(data.image_shape, transform, normalize, device)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
         self.batch_size = batch_size
         self.train = train
-        self.transform = transform.to(self.device) if transform is not None else None
-        self.norm = normalize.tensors(data.image_shape, self.device) if normalize is not None else None
         self.seed = seed
         self.crop_padding = crop_padding if train else 0
         self.flip = flip and train
         self.drop_last = train if drop_last is None else drop_last
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def _order(self) -> Tensor:
         n = self.images.shape[0]
@@ -367,13 +527,6 @@ class BatchLoader:
             x = torch.where(f[:, None, None, None], x.flip(-1), x)
         return x
 
-    def prepare(self, x: Tensor) -> Tensor:
-        """uint8 batch -> key transform (or /255) -> normalisation: what the network sees."""
-        y = self.transform(x) if self.transform is not None else x.float().div_(255)
-        if self.norm is not None:
-            y = (y - self.norm[0]) / self.norm[1]
-        return y
-
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         order = self._order()
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 1_000_000_007)
@@ -383,3 +536,48 @@ class BatchLoader:
             if self.train:
                 x = self.augment(x, g)
             yield self.prepare(x), self.labels[idx]
+
+
+Data = ImageTensors | ImageFolderStream
+
+
+def make_loader(
+    data: Data,
+    batch_size: int,
+    *,
+    train: bool,
+    transform: KeyedTransform | None,
+    normalize: Normalize | None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    crop_padding: int = 4,
+    flip: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> BatchLoader | StreamLoader:
+    """The on-device loader for in-memory data, the DataLoader path for an :class:`ImageFolderStream`."""
+    if isinstance(data, ImageFolderStream):
+        return StreamLoader(
+            data,
+            batch_size,
+            train=train,
+            transform=transform,
+            normalize=normalize,
+            device=device,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+        )
+    return BatchLoader(
+        data,
+        batch_size,
+        train=train,
+        transform=transform,
+        normalize=normalize,
+        device=device,
+        seed=seed,
+        crop_padding=crop_padding,
+        flip=flip,
+        rank=rank,
+        world_size=world_size,
+    )

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, RunMeta, load_model
-from .data import BatchLoader, DataError, ImageTensors, Normalize
+from .data import Data, DataError, ImageFolderStream, ImageTensors, Normalize, make_loader
 from .keys import KeySet
 from .train import pick_device, predict_accuracy
 from .transforms import KeyedTransform
@@ -79,7 +79,7 @@ class EvalReport:
         plt.close(fig)
 
 
-def align_classes(data: ImageTensors, model_classes: list[str]) -> ImageTensors:
+def align_classes(data: Data, model_classes: list[str]) -> Data:
     """Map an ImageFolder's labels to the model's class order by name; refuse a mismatch."""
     if list(data.classes) == list(model_classes):
         return data
@@ -87,6 +87,9 @@ def align_classes(data: ImageTensors, model_classes: list[str]) -> ImageTensors:
     if missing:
         raise DataError(f"classes {missing} are not classes of the model ({', '.join(model_classes)})")
     remap = torch.tensor([model_classes.index(c) for c in data.classes])
+    if isinstance(data, ImageFolderStream):
+        samples = tuple((p, int(remap[label])) for p, label in data.samples)
+        return ImageFolderStream(samples, tuple(model_classes), data.image_size, data.workers, data.stats_images)
     return ImageTensors(data.images, remap[data.labels], tuple(model_classes))
 
 
@@ -104,7 +107,7 @@ def _stats(name: str, accs: list[float]) -> dict[str, Any]:
 def evaluate_model(
     model: nn.Module,
     meta: RunMeta,
-    data: ImageTensors,
+    data: Data,
     key: KeySet | None,
     *,
     wrong_keys: int = 100,
@@ -127,7 +130,7 @@ def evaluate_model(
     cl = cfg.get("channels_last", True)
 
     def acc(transform: KeyedTransform | None) -> float:
-        loader = BatchLoader(data, batch_size, train=False, transform=transform, normalize=normalize, device=dev)
+        loader = make_loader(data, batch_size, train=False, transform=transform, normalize=normalize, device=dev)
         return predict_accuracy(model, loader, dev, amp, cl)
 
     model_key = meta.get("key")
@@ -151,7 +154,7 @@ def evaluate_model(
     return EvalReport(meta["model"], model_key, given, matches, len(data), len(meta["classes"]), rows)
 
 
-def evaluate_run(run_dir: str | os.PathLike[str], data: ImageTensors, key: KeySet | None, **kwargs: Any) -> EvalReport:
+def evaluate_run(run_dir: str | os.PathLike[str], data: Data, key: KeySet | None, **kwargs: Any) -> EvalReport:
     """:func:`evaluate_model` for a run directory written by :func:`blockkey.train.fit`."""
     model, meta = load_model(run_dir)
     model_key = meta.get("key")

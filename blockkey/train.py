@@ -36,7 +36,7 @@ from .checkpoint import (
     save_tensors_atomic,
     write_json_atomic,
 )
-from .data import BatchLoader, ImageTensors, Normalize
+from .data import BatchLoader, Data, Normalize, StreamLoader, make_loader
 from .keys import KeySet
 from .models import create_model
 from .transforms import KeyedTransform
@@ -163,7 +163,11 @@ def _init_distributed(device: torch.device) -> tuple[_Dist, torch.device, bool]:
 
 @torch.no_grad()
 def predict_accuracy(
-    model: nn.Module, loader: BatchLoader, device: torch.device, amp: str = "auto", channels_last: bool = True
+    model: nn.Module,
+    loader: BatchLoader | StreamLoader,
+    device: torch.device,
+    amp: str = "auto",
+    channels_last: bool = True,
 ) -> float:
     """Top-1 accuracy of ``model`` over ``loader`` (evaluation mode)."""
     model.eval()
@@ -179,8 +183,8 @@ def predict_accuracy(
 
 
 def fit(
-    train: ImageTensors,
-    val: ImageTensors | None,
+    train: Data,
+    val: Data | None,
     key: KeySet | None,
     cfg: TrainConfig,
     run_dir: str | os.PathLike[str],
@@ -208,8 +212,8 @@ def fit(
 
 
 def _fit(
-    train: ImageTensors,
-    val: ImageTensors | None,
+    train: Data,
+    val: Data | None,
     key: KeySet | None,
     cfg: TrainConfig,
     run: Path,
@@ -256,7 +260,7 @@ def _fit(
     opt = torch.optim.SGD(
         _param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
     )
-    loader = BatchLoader(
+    loader = make_loader(
         train,
         cfg.batch_size // dist.world_size,
         train=True,
@@ -270,7 +274,7 @@ def _fit(
         world_size=dist.world_size,
     )
     val_loader = (
-        BatchLoader(val, 512, train=False, transform=transform, normalize=normalize, device=device)
+        make_loader(val, 512, train=False, transform=transform, normalize=normalize, device=device)
         if val is not None and len(val)
         else None
     )

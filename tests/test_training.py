@@ -379,3 +379,82 @@ def test_block_aligned_model_takes_the_key_block_size(tmp_path):
     assert json.loads((tmp_path / "run" / "meta.json").read_text())["model_kwargs"] == {"patch": 2}
     model, _ = load_model(tmp_path / "run")
     assert model.embed[0].kernel_size == (2, 2) and model.embed[0].stride == (2, 2)
+
+
+class TestStream:
+    """The DataLoader path for ImageFolders too large for memory (any image sizes)."""
+
+    def make(self, tmp_path):
+        rng = np.random.default_rng(0)
+        for c in range(3):
+            d = tmp_path / "big" / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(8):
+                h, w = rng.integers(20, 40, 2)
+                arr = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+                arr[..., c] += 150
+                Image.fromarray(arr).save(d / f"{i}.jpg" if i % 2 else d / f"{i}.png")
+        return tmp_path / "big"
+
+    def test_loader_batches(self, tmp_path):
+        from blockkey.data import StreamLoader, open_image_folder_stream
+
+        stream = open_image_folder_stream(self.make(tmp_path), 16, workers=0)
+        assert len(stream) == 24 and stream.image_shape == (3, 16, 16)
+        key = KeyedTransform(rand_key("shuffle,negpos,ffx", 4))
+        raw = torch.cat(list(stream.batches(10)))
+        assert raw.dtype == torch.uint8 and raw.shape == (24, 3, 16, 16)
+        norm = Normalize.fit(stream, key, "position")
+        loader = StreamLoader(stream, 10, train=False, transform=key, normalize=norm)
+        xs, ys = zip(*loader, strict=True)
+        mean, std = norm.tensors((3, 16, 16), "cpu")
+        assert torch.allclose(torch.cat(xs), (key(raw) - mean) / std)
+        assert torch.equal(torch.cat(ys), stream.labels)
+        train = StreamLoader(stream, 8, train=True, transform=key, normalize=norm, seed=1)
+        assert len(train) == 3 and all(x.shape == (8, 3, 16, 16) for x, _ in train)
+
+    def test_train_and_evaluate_cli(self, tmp_path, capsys):
+        from blockkey.cli import main
+
+        root = self.make(tmp_path)
+        rand_key("shuffle,negpos", 4).save(tmp_path / "k.json")
+        args = [
+            "train",
+            "--data",
+            root,
+            "--stream",
+            "16",
+            "--workers",
+            "2",
+            "--key",
+            tmp_path / "k.json",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--amp",
+            "off",
+            "--val-fraction",
+            "0.25",
+            "-o",
+            tmp_path / "run",
+        ]
+        assert main([str(a) for a in args]) == 0
+        meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+        assert meta["image_shape"] == [3, 16, 16] and meta["data"]["stream_image_size"] == 16
+        capsys.readouterr()
+        args = [
+            "evaluate",
+            "--model",
+            tmp_path / "run",
+            "--key",
+            tmp_path / "k.json",
+            "--split",
+            "val",
+            "--wrong-keys",
+            "2",
+            "--json",
+        ]
+        assert main([str(a) for a in args]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["images"] == 6 and report["key_matches_model"] is True
