@@ -36,7 +36,8 @@ from .checkpoint import (
     save_tensors_atomic,
     write_json_atomic,
 )
-from .data import BatchLoader, Data, Normalize, StreamLoader, make_loader
+from .data import BatchLoader, Data, DataError, Normalize, StreamLoader, make_loader
+from .errors import BlockkeyError, ShapeError
 from .keys import KeySet
 from .models import create_model
 from .transforms import KeyedTransform
@@ -229,10 +230,10 @@ def _fit(
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     say = log if dist.main else (lambda s: None)
     if key is not None and train.image_shape[0] != key.channels:
-        raise CheckpointError(f"the key is for {key.channels}-channel images; the data has {train.image_shape[0]}")
+        raise ShapeError(f"the key is for {key.channels}-channel images; the data has {train.image_shape[0]}")
     if key is not None and (train.image_shape[1] % key.block_size or train.image_shape[2] % key.block_size):
         h, w = train.image_shape[1:]
-        raise CheckpointError(f"image size {h}x{w} is not divisible by the block size {key.block_size}")
+        raise ShapeError(f"image size {h}x{w} is not divisible by the block size {key.block_size}")
 
     latest = run / "LATEST"
     if run.exists() and not resume and ((run / "meta.json").exists() or latest.exists()):
@@ -280,13 +281,16 @@ def _fit(
     )
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise CheckpointError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size}")
+        raise DataError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size}")
     total_steps = cfg.epochs * steps_per_epoch
 
     start_epoch, history = 0, []
     if resume:
         state_dir = run / latest.read_text().strip()
-        state_meta = json.loads((state_dir / "state.json").read_text())
+        try:
+            state_meta = json.loads((state_dir / "state.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{state_dir}: cannot read the saved state ({e})") from None
         if state_meta["config"] != asdict(cfg):
             raise CheckpointError(f"{run}: --resume with a different training configuration")
         if state_meta["key"] != key_info(key):
@@ -344,7 +348,7 @@ def _fit(
             correct += (out.argmax(1) == y).sum()
             seen += y.numel()
         if not math.isfinite(float(loss_sum)):
-            raise CheckpointError(f"training diverged at epoch {epoch + 1} (loss is {float(loss_sum)}); lower --lr")
+            raise BlockkeyError(f"training diverged at epoch {epoch + 1} (loss is {float(loss_sum)}); lower --lr")
         row = {
             "epoch": epoch + 1,
             "train_loss": round(float(loss_sum) / seen, 4),

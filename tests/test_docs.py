@@ -17,3 +17,11 @@ def test_key_format_example_loads():
     key = KeySet.from_json(doc)  # raises if the shown fingerprint does not match the material
     assert key.fingerprint == doc["fingerprint"]
     assert key.recipe == ("shuffle", "negpos", "ffx")
+
+
+def test_readme_python_tour_runs(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    assert (tmp_path / "key.json").exists()
