@@ -304,6 +304,7 @@ def _fit(
     if dist.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # fp16 needs loss scaling; bf16 does not
     protected = f"key {key.fingerprint} ({'+'.join(key.recipe)}, M={key.block_size})" if key else "no key"
     say(
         f"training {cfg.model} on {len(train)} images ({protected}), {cfg.epochs} epochs x {steps_per_epoch} steps, "
@@ -342,8 +343,9 @@ def _fit(
                 out = net(x)
                 loss = criterion(out.float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             loss_sum += loss.detach() * y.numel()
             correct += (out.argmax(1) == y).sum()
             seen += y.numel()
