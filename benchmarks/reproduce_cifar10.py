@@ -98,8 +98,7 @@ def main() -> None:
                 if key_path.exists():
                     key = KeySet.load(key_path)
                 else:
-                    fresh = KeySet.generate(recipe, 4)
-                    key = KeySet(4, 3, fresh.steps, meta={**fresh.meta, "note": PUBLISHED_NOTE})
+                    key = KeySet.generate(recipe, 4).with_note(PUBLISHED_NOTE)
                     key.save(key_path)
             kwargs = {"patch": 4} if block_aligned(args.model) else {}
             cfg = TrainConfig(

@@ -20,7 +20,7 @@ import torch
 from . import __version__
 from .errors import BlockkeyError, ImageFileError, KeyMismatchError
 from .imageio import check_output_suffix, read_codes, read_image, sample_image, write_png
-from .keys import KeySet, parse_recipe
+from .keys import KeySet, parse_recipe, refuse_foreign_key
 from .show import step_grid
 from .transforms import KeyedTransform
 
@@ -210,16 +210,9 @@ def cmd_tour(args: argparse.Namespace) -> int:
         )
     out = Path(args.output)
     key_path = out / "key.json"
-    if key_path.exists():  # only ever replace the tour's own demo key
-        try:
-            ours = KeySet.load(key_path).meta.get("note") == TOUR_NOTE
-        except BlockkeyError:
-            ours = False
-        if not ours:
-            raise BlockkeyError(f"{key_path} exists and is not a tour key; pick another folder with -o")
+    refuse_foreign_key(key_path, TOUR_NOTE)
     out.mkdir(parents=True, exist_ok=True)
-    key = KeySet.generate(args.transforms, args.block_size)
-    key = KeySet(key.block_size, key.channels, key.steps, meta={**key.meta, "note": TOUR_NOTE})
+    key = KeySet.generate(args.transforms, args.block_size).with_note(TOUR_NOTE)
     key.save(key_path, overwrite=True)
     image = sample_image()
     t = KeyedTransform(key)

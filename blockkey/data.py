@@ -145,11 +145,10 @@ class _FolderDataset(torch.utils.data.Dataset):
             raise DataError(f"{path}: cannot decode image ({e})") from None
 
 
-def open_image_folder_stream(root: str | os.PathLike[str], image_size: int, workers: int = 2) -> ImageFolderStream:
-    """List an ImageFolder tree for the streaming path (nothing is decoded yet)."""
+def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes and ``(path, label)`` samples of ``root/<class>/<image>`` (torchvision's listing)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-    root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist")
     try:
@@ -159,6 +158,12 @@ def open_image_folder_stream(root: str | os.PathLike[str], image_size: int, work
         raise DataError(f"{root}: not an ImageFolder tree (root/<class>/<image>): {e}") from None
     if not samples:
         raise DataError(f"{root}: no images found")
+    return classes, samples
+
+
+def open_image_folder_stream(root: str | os.PathLike[str], image_size: int, workers: int = 2) -> ImageFolderStream:
+    """List an ImageFolder tree for the streaming path (nothing is decoded yet)."""
+    classes, samples = _list_image_folder(Path(root))
     return ImageFolderStream(tuple(samples), tuple(classes), image_size, workers)
 
 
@@ -193,19 +198,10 @@ def load_image_folder(
     Decoded once with ``workers`` processes and cached as ``.npz`` under ``cache_dir``
     (:func:`default_cache_dir` by default; ``cache_dir=False``-like empty string disables caching).
     """
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
     from tqdm import tqdm
 
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"dataset folder {root} does not exist")
-    try:
-        classes, class_to_idx = find_classes(root)
-        samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
-    except (FileNotFoundError, OSError) as e:
-        raise DataError(f"{root}: not an ImageFolder tree (root/<class>/<image>): {e}") from None
-    if not samples:
-        raise DataError(f"{root}: no images found")
+    classes, samples = _list_image_folder(root)
 
     h = hashlib.sha256(str(root.resolve()).encode())
     for path, label in samples:

@@ -15,7 +15,7 @@ from typing import Any
 from .data import load_demo, stratified_subset
 from .errors import BlockkeyError
 from .evaluate import evaluate_run
-from .keys import KeySet
+from .keys import KeySet, refuse_foreign_key
 from .models import block_aligned
 from .train import TrainConfig, fit
 
@@ -28,12 +28,7 @@ def _own_folder(out: Path) -> None:
     """Refuse to reuse a folder that holds anything but an earlier demo (never destroy a real key)."""
     key = out / "key.json"
     if key.exists():
-        try:
-            ours = KeySet.load(key).meta.get("note") == DEMO_NOTE
-        except BlockkeyError:
-            ours = False
-        if not ours:
-            raise BlockkeyError(f"{key} exists and is not a demo key; pick another folder with -o")
+        refuse_foreign_key(key, DEMO_NOTE)
     elif out.exists() and any(out.iterdir()):
         raise BlockkeyError(f"{out} is not empty and holds no earlier demo; pick another folder with -o")
 
@@ -61,8 +56,7 @@ def run_demo(
     train, test = load_demo()
     if limit:
         train, test = stratified_subset(train, limit, 0), stratified_subset(test, max(100, limit // 8), 0)
-    key = KeySet.generate(transforms, block_size)
-    key = KeySet(key.block_size, key.channels, key.steps, meta={**key.meta, "note": DEMO_NOTE})
+    key = KeySet.generate(transforms, block_size).with_note(DEMO_NOTE)
     key.save(out / "key.json", overwrite=True)
     log(f"key {key.fingerprint}: {' -> '.join(key.recipe)}, {block_size}x{block_size} blocks ({out / 'key.json'})")
     log(f"data: {len(train)} CIFAR-10 training images, {len(test)} held out (embedded, no download)")

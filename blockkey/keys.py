@@ -360,6 +360,10 @@ class KeySet:
     def key_space_total(self) -> float:
         return sum(b for _, b in self.key_space_bits())
 
+    def with_note(self, note: str) -> KeySet:
+        """The same key with a non-secret ``meta["note"]`` (e.g. marking a demo key)."""
+        return KeySet(self.block_size, self.channels, self.steps, meta={**self.meta, "note": note})
+
     def __repr__(self) -> str:
         return (
             f"KeySet(recipe={'+'.join(self.recipe)}, block_size={self.block_size}, "
@@ -503,3 +507,17 @@ def _canonical(key: KeySet) -> bytes:
         "steps": [s.to_json() for s in key.steps],
     }
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def refuse_foreign_key(path: str | os.PathLike[str], note: str) -> None:
+    """Raise unless ``path`` is absent or holds a key marked with ``note``: commands that make
+    throw-away keys (tour, demo) may replace their own, never a real one."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        ours = KeySet.load(path).meta.get("note") == note
+    except KeyFileError:
+        ours = False
+    if not ours:
+        raise KeyFileError(f"{path} exists and is not a key made by this command; pick another folder with -o")
