@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import BlockkeyError
 
-__all__ = ["CheckpointError", "RunMeta", "load_model", "read_meta", "write_json_atomic"]
+__all__ = ["CheckpointError", "RunMeta", "load_model", "read_meta", "save_run", "write_json_atomic"]
 
 META_FORMAT = "blockkey.model"
 META_VERSION = 1
@@ -99,6 +99,14 @@ def load_model(run_dir: str | os.PathLike[str], device: torch.device | str = "cp
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{run_dir}: weights do not fit model {meta['model']!r} ({first})") from None
     return model.to(device).eval(), meta
+
+
+def save_run(run_dir: Path, model: nn.Module, meta: RunMeta) -> None:
+    """A finished run: ``model.safetensors`` then ``meta.json`` (its presence marks the run complete)."""
+    key = meta.get("key")
+    fingerprint = key["fingerprint"] if key else "none"
+    save_tensors_atomic(run_dir / "model.safetensors", model.state_dict(), {"key_fingerprint": fingerprint})
+    write_json_atomic(run_dir / "meta.json", meta)
 
 
 def clear_states(run_dir: Path) -> None:

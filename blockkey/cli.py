@@ -343,6 +343,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _conversion_text(args: argparse.Namespace, meta: dict[str, Any]) -> str:
+    c = meta["conversions"][-1]
+    return (
+        f"wrote {args.output}: {meta['model']} for key {c['to_key']} (was {c['from_key'] or 'non-protected'}), "
+        f"no training; checked: max relative logit error {c['max_rel_logit_error_float64']:.1e} (float64), "
+        f"{c['seconds']:.2f} s"
+    )
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .rekey import convert_run
+
+    meta = convert_run(args.model, KeySet.load(args.key), args.output)
+    _emit(args, {"run": args.output, **meta["conversions"][-1]}, _conversion_text(args, meta))
+    return 0
+
+
+def cmd_rekey(args: argparse.Namespace) -> int:
+    from .rekey import rekey_run
+
+    meta = rekey_run(args.model, KeySet.load(args.old_key), KeySet.load(args.new_key), args.output)
+    _emit(args, {"run": args.output, **meta["conversions"][-1]}, _conversion_text(args, meta))
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # parser
 # --------------------------------------------------------------------------------------------
@@ -463,6 +488,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=2, help="DataLoader workers for --stream (default %(default)s)")
     sp.add_argument("--device", default="auto")
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = add("convert", "protect a plain-trained block-aligned model with a shuffle/negpos key, without training")
+    sp.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory of a non-protected model")
+    sp.add_argument("--key", required=True, help="key file (shuffle and negpos steps; block size = patch size)")
+    sp.add_argument("-o", "--output", required=True, metavar="RUN_DIR2", help="new run directory")
+    sp.set_defaults(func=cmd_convert)
+
+    sp = add("rekey", "move a protected block-aligned model to a new key, without data or training")
+    sp.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory of a protected model")
+    sp.add_argument("--old-key", required=True, help="the model's key file")
+    sp.add_argument("--new-key", required=True, help="the new key file (same block size)")
+    sp.add_argument("-o", "--output", required=True, metavar="RUN_DIR3", help="new run directory")
+    sp.set_defaults(func=cmd_rekey)
     return p
 
 

@@ -329,9 +329,11 @@ class Normalize:
     mode: str = "channel"  # or "position"
     block_size: int = 1
 
-    def tensors(self, shape: tuple[int, int, int], device: torch.device | str) -> tuple[Tensor, Tensor]:
+    def tensors(
+        self, shape: tuple[int, int, int], device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor]:
         c, h, w = shape
-        mean, std = torch.tensor(self.mean), torch.tensor(self.std)
+        mean, std = torch.tensor(self.mean, dtype=dtype), torch.tensor(self.std, dtype=dtype)
         if self.mode == "channel":
             return mean.view(c, 1, 1).to(device), std.view(c, 1, 1).to(device)
         from .functional import from_blocks
@@ -343,8 +345,24 @@ class Normalize:
             from_blocks(std.expand(grid), m, c).contiguous().to(device),
         )
 
+    def per_position(self, block_size: int, channels: int) -> tuple[Tensor, Tensor]:
+        """float64 ``(mean, std)`` of each of the ``M*M*C`` positions of a block, (row, col, channel) order."""
+        mean, std = torch.tensor(self.mean, dtype=torch.float64), torch.tensor(self.std, dtype=torch.float64)
+        if self.mode == "channel":
+            reps = block_size * block_size
+            return mean.repeat(reps), std.repeat(reps)  # channel varies fastest
+        if self.block_size != block_size:
+            raise DataError(
+                f"normalisation is per position of {self.block_size}x{self.block_size} blocks, not {block_size}"
+            )
+        return mean, std
+
     def to_json(self) -> dict:
         return {"mean": list(self.mean), "std": list(self.std), "mode": self.mode, "block_size": self.block_size}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> Normalize:
+        return cls(tuple(doc["mean"]), tuple(doc["std"]), doc["mode"], doc["block_size"])
 
     @classmethod
     def fit(

@@ -124,7 +124,7 @@ def evaluate_model(
     if tuple(data.image_shape) != tuple(meta["image_shape"]):
         raise DataError(f"images are {data.image_shape}, the model was trained on {tuple(meta['image_shape'])}")
     norm_doc = meta.get("normalize")
-    normalize = Normalize(tuple(norm_doc["mean"]), tuple(norm_doc["std"]), norm_doc["mode"], norm_doc["block_size"])
+    normalize = Normalize.from_json(norm_doc) if norm_doc is not None else None
     cfg = meta.get("config", {})
     amp = "bf16" if cfg.get("amp", "auto") == "auto" else cfg.get("amp", "off")
     cl = cfg.get("channels_last", True)

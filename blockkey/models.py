@@ -6,7 +6,14 @@
   conv trunk on the grid of blocks. A within-block shuffle or negpos is a linear map of each block
   vector, which the embedding absorbs: with per-position normalisation, training on shuffled or
   flipped blocks is distributed exactly like training on plain images.
+- ``convmixer``: ConvMixer (Trockman & Kolter 2022) with patch = the key's block size.
+- ``vit``: a small "simple ViT" (Beyer et al. 2022: fixed 2-D sin-cos positions, mean pooling),
+  patch = the key's block size, any image size divisible by the patch.
 - ``tv_<name>``: any torchvision classification model by name, e.g. ``tv_resnet50``.
+
+Block-aligned models (those with a ``patch`` argument) expose their first layer as
+``model.patch_embed``: a convolution with kernel = stride = patch, the layer into which
+:mod:`blockkey.rekey` folds shuffle and negpos keys.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from torch import nn
 
 from .errors import BlockkeyError
 
-__all__ = ["block_aligned", "create_model", "list_models", "register_model"]
+__all__ = ["block_aligned", "create_model", "list_models", "patch_embedding", "register_model"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -165,6 +172,10 @@ class PatchNet(nn.Module):
         self.groups = nn.Sequential(*groups)
         self.head = nn.Linear(cin, num_classes, bias=False)
 
+    @property
+    def patch_embed(self) -> nn.Conv2d:
+        return self.embed[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.groups(self.embed(x))
         return self.head(torch.flatten(nn.functional.adaptive_max_pool2d(x, 1), 1))
@@ -175,3 +186,116 @@ def patchnet(num_classes: int, in_channels: int = 3, patch: int = 4, width: floa
     """Block-aligned net: set ``patch`` to the key's block size (the trainer does)."""
     widths = tuple(max(8, round(w * width)) for w in (128, 256, 256))
     return PatchNet(num_classes, in_channels, patch, widths)
+
+
+# --------------------------------------------------------------------------------------------
+# ConvMixer (Trockman & Kolter, "Patches Are All You Need?", TMLR 2022)
+# --------------------------------------------------------------------------------------------
+
+
+class MixerBlock(nn.Module):
+    def __init__(self, dim: int, kernel: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(dim, dim, kernel, groups=dim, padding=kernel // 2)
+        self.bn1 = nn.BatchNorm2d(dim)
+        self.pointwise = nn.Conv2d(dim, dim, 1)
+        self.bn2 = nn.BatchNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.bn1(nn.functional.gelu(self.depthwise(x)))
+        return self.bn2(nn.functional.gelu(self.pointwise(x)))
+
+
+class ConvMixer(nn.Module):
+    def __init__(
+        self, num_classes: int, in_channels: int = 3, patch: int = 4, dim: int = 256, depth: int = 8, kernel: int = 5
+    ) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch, patch)
+        self.bn = nn.BatchNorm2d(dim)
+        self.blocks = nn.Sequential(*(MixerBlock(dim, kernel) for _ in range(depth)))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.bn(nn.functional.gelu(self.patch_embed(x))))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@register_model
+def convmixer(
+    num_classes: int, in_channels: int = 3, patch: int = 4, dim: int = 256, depth: int = 8, kernel: int = 5
+) -> nn.Module:
+    """ConvMixer-``dim``/``depth``; set ``patch`` to the key's block size (the trainer does)."""
+    return ConvMixer(num_classes, in_channels, patch, dim, depth, kernel)
+
+
+# --------------------------------------------------------------------------------------------
+# Simple ViT (Beyer, Zhai & Kolesnikov, "Better plain ViT baselines for ImageNet-1k", 2022)
+# --------------------------------------------------------------------------------------------
+
+
+def sincos_2d(rows: int, cols: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embeddings ``(rows * cols, dim)``; ``dim`` divisible by 4."""
+    y, x = torch.meshgrid(
+        torch.arange(rows, device=device, dtype=torch.float64),
+        torch.arange(cols, device=device, dtype=torch.float64),
+        indexing="ij",
+    )
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float64) / (dim // 4 - 1 or 1))
+    y, x = y.flatten()[:, None] * omega, x.flatten()[:, None] * omega
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).to(dtype)
+
+
+class SimpleViT(nn.Module):
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        patch: int = 4,
+        dim: int = 192,
+        depth: int = 6,
+        heads: int = 3,
+        mlp_ratio: int = 2,
+    ) -> None:
+        super().__init__()
+        if dim % 4 or dim % heads:
+            raise BlockkeyError(f"vit: dim must be divisible by 4 and by heads; got dim={dim}, heads={heads}")
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch, patch)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim * mlp_ratio, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        rows, cols = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        x = x + sincos_2d(rows, cols, x.shape[-1], x.device, x.dtype)
+        return self.head(self.norm(self.encoder(x)).mean(1))
+
+
+@register_model
+def vit(
+    num_classes: int, in_channels: int = 3, patch: int = 4, dim: int = 192, depth: int = 6, heads: int = 3
+) -> nn.Module:
+    """A small ViT; set ``patch`` to the key's block size (the trainer does)."""
+    return SimpleViT(num_classes, in_channels, patch, dim, depth, heads)
+
+
+def patch_embedding(model: nn.Module) -> nn.Conv2d | None:
+    """The first layer of a block-aligned model: ``model.patch_embed``, torchvision ViT's ``conv_proj``,
+    or the stem convolution of torchvision ConvNeXt / Swin (``features[0][0]``); None otherwise."""
+    for get in (
+        lambda m: m.patch_embed,
+        lambda m: m.conv_proj,
+        lambda m: m.features[0][0],
+    ):
+        try:
+            conv = get(model)
+        except (AttributeError, IndexError, TypeError):
+            continue
+        if isinstance(conv, nn.Conv2d):
+            return conv
+    return None

@@ -33,6 +33,7 @@ from .checkpoint import (
     RunMeta,
     clear_states,
     load_weights,
+    save_run,
     save_tensors_atomic,
     write_json_atomic,
 )
@@ -370,10 +371,7 @@ def _fit(
 
     meta = {**meta_base, "epochs_done": cfg.epochs, "history": history, "metrics": history[-1] if history else {}}
     if dist.main:
-        save_tensors_atomic(
-            run / "model.safetensors", model.state_dict(), {"key_fingerprint": key.fingerprint if key else "none"}
-        )
-        write_json_atomic(run / "meta.json", meta)
+        save_run(run, model, meta)
         clear_states(run)
     if dist.world_size > 1:
         import torch.distributed as tdist
