@@ -271,6 +271,16 @@ def _load_data(spec: str, *, train: bool, root: str | None, stream: int | None =
     return load_dataset(spec, train=train, root=root)
 
 
+def _run_split(data: Any, meta: dict[str, Any]) -> tuple[Any, Any]:
+    """The (train, validation) split a run was trained with, recomputed from its recorded seed."""
+    from .data import stratified_split, stratified_subset
+
+    d = meta.get("data", {})
+    if d.get("limit"):
+        data = stratified_subset(data, d["limit"], d.get("split_seed", 0))
+    return stratified_split(data, d.get("val_fraction", 0.1), d.get("split_seed", 0))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import stratified_split, stratified_subset
     from .models import block_aligned
@@ -313,7 +323,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import read_meta
-    from .data import stratified_split, stratified_subset
+    from .data import stratified_subset
     from .evaluate import evaluate_run
 
     meta = read_meta(args.model)
@@ -324,10 +334,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     stream = args.stream or meta.get("data", {}).get("stream_image_size")
     data = _load_data(spec, train=args.split != "test", root=args.data_root, stream=stream, workers=args.workers)
     if args.split == "val":
-        d = meta.get("data", {})
-        if d.get("limit"):
-            data = stratified_subset(data, d["limit"], d.get("split_seed", 0))
-        data = stratified_split(data, d.get("val_fraction", 0.1), d.get("split_seed", 0))[1]
+        data = _run_split(data, meta)[1]
     if args.sample:
         data = stratified_subset(data, args.sample, seed=12345)
     report = evaluate_run(args.model, data, key, wrong_keys=args.wrong_keys, device=args.device)
@@ -365,6 +372,45 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 
     meta = rekey_run(args.model, KeySet.load(args.old_key), KeySet.load(args.new_key), args.output)
     _emit(args, {"run": args.output, **meta["conversions"][-1]}, _conversion_text(args, meta))
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from .attacks import Target
+    from .checkpoint import load_model
+    from .data import ImageFolderStream, stratified_subset
+    from .train import pick_device
+
+    model, meta = load_model(args.model)
+    key = KeySet.load(args.key)
+    model_key = meta.get("key")
+    if model_key is None or model_key["fingerprint"] != key.fingerprint:
+        raise KeyMismatchError(f"{args.key} is not the key of {args.model}: attacks score against the true key")
+    spec = args.data or meta.get("data", {}).get("source")
+    if not spec:
+        raise BlockkeyError("--data is needed (the run does not record its data source)")
+    data = _load_data(spec, train=True, root=args.data_root)
+    if isinstance(data, ImageFolderStream):
+        raise BlockkeyError("attacks need the images in memory; this dataset is too large (use a --sample)")
+    from .evaluate import align_classes
+
+    train, val = _run_split(align_classes(data, meta["classes"]), meta)
+    if args.sample:
+        val = stratified_subset(val, args.sample, seed=12345)
+    device = pick_device(None if args.device == "auto" else args.device)
+    target = Target(model.to(device), meta, key, val, device)
+    if args.attack == "known-plaintext":
+        from .attacks.known_plaintext import known_plaintext_attack
+
+        report = known_plaintext_attack(target, args.pairs, seed=args.seed)
+    else:
+        from .attacks.adapter import adapter_attack
+
+        report = adapter_attack(target, train, args.fractions, epochs=args.epochs, seed=args.seed)
+    if args.plot:
+        check_output_suffix(args.plot)
+        report.plot(args.plot, "pairs" if args.attack == "known-plaintext" else "data_fraction")
+    _emit(args, report.to_json(), report.to_markdown() + (f"\n\nplot: {args.plot}" if args.plot else ""))
     return 0
 
 
@@ -488,6 +534,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=2, help="DataLoader workers for --stream (default %(default)s)")
     sp.add_argument("--device", default="auto")
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = add("attack", "attack a protected model without its key (the key only scores the result)")
+    sp.add_argument("attack", choices=["known-plaintext", "adapter"], help="attack to run")
+    sp.add_argument("--model", required=True, metavar="RUN_DIR", help="the stolen model's run directory")
+    sp.add_argument("--key", required=True, help="the model's true key (to score recovery and the key holder)")
+    sp.add_argument("--data", help="the run's data source (default: as recorded); its split is recomputed")
+    sp.add_argument("--data-root", help="where torchvision datasets live / are downloaded")
+    sp.add_argument("--pairs", type=int, nargs="+", default=[1, 2, 4], help="known-plaintext: pairs per try")
+    sp.add_argument(
+        "--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.1], help="adapter: labelled data fractions"
+    )
+    sp.add_argument("--epochs", type=int, default=30, help="adapter: training epochs (default %(default)s)")
+    sp.add_argument("--sample", type=int, help="evaluate on a stratified sample of N validation images")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--plot", help="write a PNG plot of attacker accuracy here")
+    sp.add_argument("--device", default="auto")
+    sp.set_defaults(func=cmd_attack)
 
     sp = add("convert", "protect a plain-trained block-aligned model with a shuffle/negpos key, without training")
     sp.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory of a non-protected model")

@@ -33,13 +33,14 @@ class KeyedTransform(nn.Module):
         []
     """
 
-    def __init__(self, key: KeySet) -> None:
+    def __init__(self, key: KeySet | F.BlockPlan) -> None:
         super().__init__()
-        bp = F.compile_block_plan(key)
-        self.block_size = key.block_size
-        self.channels = key.channels
-        self.recipe = key.recipe
-        self.fingerprint = key.fingerprint
+        if isinstance(key, F.BlockPlan):  # e.g. a key an attack recovered: no steps, no fingerprint
+            bp, self.recipe, self.fingerprint = key, ("compiled",), "compiled"
+        else:
+            bp, self.recipe, self.fingerprint = F.compile_block_plan(key), key.recipe, key.fingerprint
+        self.block_size = bp.block_size
+        self.channels = bp.channels
         self.register_buffer("src", bp.src, persistent=False)
         self.register_buffer("codes", bp.codes, persistent=False)
         self.register_buffer("domain", bp.domain, persistent=False)

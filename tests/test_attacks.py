@@ -1,0 +1,140 @@
+"""The attack suite on small models trained here: each attack does what it claims."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from blockkey import KeyedTransform
+from blockkey.attacks import Target, accuracy
+from blockkey.attacks.adapter import BlockAdapter, adapter_attack
+from blockkey.attacks.known_plaintext import key_agreement, known_plaintext_attack, recover_key
+from blockkey.checkpoint import load_model
+from blockkey.data import Normalize, stratified_split
+from blockkey.functional import compile_block_plan
+from blockkey.rekey import block_affine
+from blockkey.train import TrainConfig, fit
+
+from .helpers import images, rand_key
+from .test_training import colour_data
+
+
+class TestKnownPlaintext:
+    @pytest.mark.parametrize("recipe", ["shuffle", "negpos", "shuffle,negpos", "negpos,shuffle,negpos"])
+    def test_one_pair_recovers_a_shuffle_negpos_key_exactly(self, recipe):
+        key = rand_key(recipe, 4, seed=3)
+        x = images(1, 3, 32, 32)
+        plan, cand = recover_key(x, KeyedTransform(key).encode(x), 4, ffx=False)
+        agree = key_agreement(plan, compile_block_plan(key))
+        assert agree == {"source_fraction": 1.0, "position_fraction": 1.0, "table_fraction": 1.0}
+        assert (cand == 1).all()
+        fresh = images(3, 3, 32, 32)
+        assert torch.equal(KeyedTransform(plan).encode(fresh), KeyedTransform(key).encode(fresh))
+
+    @pytest.mark.parametrize("recipe", ["ffx", "shuffle,negpos,ffx", "ffx,negpos,shuffle"])
+    def test_ffx_tables_fill_in_with_more_pairs(self, recipe):
+        key = rand_key(recipe, 4, seed=4, password="attack-me")
+        t, true = KeyedTransform(key), compile_block_plan(key)
+        one = images(1, 3, 32, 32)
+        a1 = key_agreement(recover_key(one, t.encode(one), 4, ffx=True)[0], true)
+        assert a1["source_fraction"] == 1.0 and a1["table_fraction"] < 0.7  # <= 64 of 256 values per position seen
+        many = images(80, 3, 32, 32)  # 5120 blocks: every value of every position seen
+        plan, _ = recover_key(many, t.encode(many), 4, ffx=True)
+        assert key_agreement(plan, true)["table_fraction"] == 1.0
+        fresh = images(2, 3, 32, 32)
+        assert torch.equal(KeyedTransform(plan).encode(fresh), t.encode(fresh))
+        assert torch.equal(KeyedTransform(plan).inverse(t(fresh)), fresh)
+
+    def test_shape_mismatch(self):
+        with pytest.raises(ValueError, match="one shape"):
+            recover_key(images(1, 3, 8, 8), images(2, 3, 8, 8), 4, ffx=False)
+
+
+@pytest.fixture(scope="module")
+def protected(tmp_path_factory):
+    """A small patchnet trained with a shuffle+negpos key on a learnable toy set."""
+    tmp = tmp_path_factory.mktemp("attacks")
+    data = colour_data(60, size=16)
+    train, val = stratified_split(data, 0.25, 0)
+    key = rand_key("shuffle,negpos", 4, seed=21)
+    cfg = TrainConfig(
+        model="patchnet",
+        model_kwargs={"patch": 4, "width": 0.25},
+        epochs=8,
+        batch_size=16,
+        lr=0.05,
+        amp="off",
+        norm="position",
+    )
+    fit(train, val, key, cfg, tmp / "run", progress=False, log=lambda s: None)
+    model, meta = load_model(tmp / "run")
+    return Target(model, meta, key, val), train
+
+
+def test_known_plaintext_attack_report(protected):
+    target, _ = protected
+    rep = known_plaintext_attack(target, [1, 2])
+    assert rep.key_holder_accuracy > 0.8
+    for row in rep.rows:
+        assert row["source_fraction"] == 1.0 and row["attacker_accuracy"] == rep.key_holder_accuracy
+    doc = json.loads(json.dumps(rep.to_json()))
+    assert doc["attack"] == "known-plaintext" and "| 1 pair |" in rep.to_markdown()
+
+
+def test_adapter_identity_init_and_exact_solution(protected):
+    target, _ = protected
+    plain = accuracy(target, BlockAdapter(4, 3, target.normalize, table=False))
+    assert plain == pytest.approx(accuracy(target, None))  # identity init = plain images
+    exact = BlockAdapter(4, 3, target.normalize, table=False)  # the key as a linear map: the holder's accuracy
+    a = block_affine(target.key)
+    with torch.no_grad():
+        exact.linear.weight.zero_()
+        exact.linear.weight[torch.arange(48), a.src] = a.sign.float()
+        exact.linear.bias.copy_(a.offset.float())
+    assert accuracy(target, exact) == pytest.approx(accuracy(target, KeyedTransform(target.key)))
+
+
+def test_adapter_attack_recovers_accuracy_on_a_shuffle_negpos_model(protected, tmp_path):
+    target, train = protected
+    rep = adapter_attack(target, train, [0.5], epochs=25, progress=False)
+    row = rep.rows[0]
+    assert rep.plain_accuracy < rep.key_holder_accuracy - 0.2  # the key matters on this model
+    assert row["attacker_accuracy"] > rep.plain_accuracy + 0.15  # and the adapter wins most of it back
+    rep.plot(tmp_path / "curve.png", "data_fraction")
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_table_adapter_starts_as_plain_images(protected):
+    target, _ = protected
+    t = BlockAdapter(4, 3, target.normalize, table=True)
+    x = images(4, 3, 16, 16)
+    norm = Normalize.from_json(target.meta["normalize"]).tensors((3, 16, 16), "cpu")
+    expect = (x.float() / 255 - norm[0]) / norm[1]
+    assert torch.allclose(t(x), expect, atol=1e-5) and torch.allclose(t(x.float() / 255), expect, atol=1e-5)
+
+
+def test_attack_cli(tmp_path, capsys):
+    from blockkey.cli import main
+
+    from .test_training import write_folder
+
+    root = write_folder(tmp_path / "ds", colour_data(20, size=16))
+    key, other = rand_key("shuffle,negpos", 4, seed=1), rand_key("shuffle,negpos", 4, seed=2)
+    key.save(tmp_path / "k.json")
+    other.save(tmp_path / "o.json")
+    train = ["train", "--data", root, "--key", tmp_path / "k.json", "--model", "patchnet", "--epochs", "2"]
+    assert main([str(a) for a in [*train, "--batch-size", "8", "--amp", "off", "-o", tmp_path / "run"]]) == 0
+    capsys.readouterr()
+    base = ["attack", "--model", tmp_path / "run", "--key", tmp_path / "k.json"]
+    assert main([str(a) for a in [*base[:1], "known-plaintext", *base[1:], "--pairs", "1", "--json"]]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["attack"] == "known-plaintext" and doc["rows"][0]["source_fraction"] == 1.0
+    args = [*base[:1], "adapter", *base[1:], "--fractions", "0.5", "--epochs", "1", "--plot", tmp_path / "a.png"]
+    assert main([str(a) for a in args]) == 0
+    assert "| 50% of the training data" in capsys.readouterr().out and (tmp_path / "a.png").exists()
+    wrong = ["attack", "adapter", "--model", tmp_path / "run", "--key", tmp_path / "o.json"]
+    assert main([str(a) for a in wrong]) == 2
+    err = capsys.readouterr().err
+    assert "is not the key of" in err and err.count("\n") == 1
