@@ -403,13 +403,26 @@ def cmd_attack(args: argparse.Namespace) -> int:
         from .attacks.known_plaintext import known_plaintext_attack
 
         report = known_plaintext_attack(target, args.pairs, seed=args.seed)
+    elif args.attack == "random-keys":
+        from .attacks.key_search import random_keys_attack
+
+        report = random_keys_attack(target, train, args.keys, args.batch, seed=args.seed)
+    elif args.attack == "key-search":
+        from .attacks.key_search import key_search_attack
+
+        report = key_search_attack(
+            target, train, random_keys=args.keys, iterations=args.iterations, batch=args.batch, seed=args.seed
+        )
     else:
         from .attacks.adapter import adapter_attack
 
         report = adapter_attack(target, train, args.fractions, epochs=args.epochs, seed=args.seed)
     if args.plot:
         check_output_suffix(args.plot)
-        report.plot(args.plot, "pairs" if args.attack == "known-plaintext" else "data_fraction")
+        x = {"known-plaintext": "pairs", "adapter": "data_fraction", "key-search": "iterations"}.get(args.attack)
+        if x is None:
+            raise BlockkeyError(f"--plot: {args.attack} has one row; nothing to plot")
+        report.plot(args.plot, x)
     _emit(args, report.to_json(), report.to_markdown() + (f"\n\nplot: {args.plot}" if args.plot else ""))
     return 0
 
@@ -536,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_evaluate)
 
     sp = add("attack", "attack a protected model without its key (the key only scores the result)")
-    sp.add_argument("attack", choices=["known-plaintext", "adapter"], help="attack to run")
+    sp.add_argument("attack", choices=["random-keys", "key-search", "known-plaintext", "adapter"], help="attack to run")
     sp.add_argument("--model", required=True, metavar="RUN_DIR", help="the stolen model's run directory")
     sp.add_argument("--key", required=True, help="the model's true key (to score recovery and the key holder)")
     sp.add_argument("--data", help="the run's data source (default: as recorded); its split is recomputed")
@@ -546,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.1], help="adapter: labelled data fractions"
     )
     sp.add_argument("--epochs", type=int, default=30, help="adapter: training epochs (default %(default)s)")
+    sp.add_argument("--keys", type=int, default=100, help="random-keys, key-search: random keys to draw")
+    sp.add_argument("--iterations", type=int, default=2000, help="key-search: hill-climbing moves")
+    sp.add_argument("--batch", type=int, default=256, help="random-keys, key-search: labelled images to score on")
     sp.add_argument("--sample", type=int, help="evaluate on a stratified sample of N validation images")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--plot", help="write a PNG plot of attacker accuracy here")

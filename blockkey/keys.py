@@ -301,6 +301,19 @@ class KeySet:
         return cls(block_size, channels, steps, meta={"source": "os-entropy"})
 
     @classmethod
+    def from_seed(cls, seed: int | bytes, recipe: str | Iterable[str], block_size: int, channels: int = 3) -> KeySet:
+        """A reproducible key drawn from a public ``seed``: NOT secret (anyone with the seed has it).
+
+        For attacks (reproducible random candidate keys) and experiments, never for protecting a model.
+        """
+        names = parse_recipe(recipe)
+        length = _block_len(block_size, channels)
+        raw = seed if isinstance(seed, bytes) else str(seed).encode()
+        rng = _KDFStream(hashlib.sha256(b"blockkey/from_seed|" + raw).digest())
+        steps = tuple(_random_step(n, rng, length) for n in names)
+        return cls(block_size, channels, steps, meta={"source": "public seed (not secret)"})
+
+    @classmethod
     def derive(
         cls,
         passphrase: str,

@@ -10,6 +10,7 @@ import torch
 from blockkey import KeyedTransform
 from blockkey.attacks import Target, accuracy
 from blockkey.attacks.adapter import BlockAdapter, adapter_attack
+from blockkey.attacks.key_search import key_search_attack, random_keys_attack
 from blockkey.attacks.known_plaintext import key_agreement, known_plaintext_attack, recover_key
 from blockkey.checkpoint import load_model
 from blockkey.data import Normalize, stratified_split
@@ -138,3 +139,52 @@ def test_attack_cli(tmp_path, capsys):
     assert main([str(a) for a in wrong]) == 2
     err = capsys.readouterr().err
     assert "is not the key of" in err and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def negpos_model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ks")
+    data = colour_data(60, size=8)
+    train, val = stratified_split(data, 0.25, 0)
+    key = rand_key("negpos", 2, seed=5)
+    cfg = TrainConfig(
+        model="patchnet", model_kwargs={"patch": 2, "width": 0.25}, epochs=8, batch_size=16, lr=0.05, amp="off"
+    )
+    fit(train, val, key, cfg, tmp / "run", progress=False, log=lambda s: None)
+    model, meta = load_model(tmp / "run")
+    return Target(model, meta, key, val), train
+
+
+class TestKeySearch:
+    def test_random_keys_reports_the_best_on_held_out_images(self, negpos_model):
+        target, train = negpos_model
+        rep = random_keys_attack(target, train, keys=10, batch=64, progress=False)
+        r = rep.rows[0]
+        assert r["batch_accuracy_max"] >= r["batch_accuracy_mean"] and 0 <= r["attacker_accuracy"] <= 1
+        assert 60 <= r["batch_images"] <= 64 and rep.attack == "random-keys"  # stratified: 21 per class
+
+    def test_hill_climb_from_the_complement_finds_a_working_key(self, negpos_model):
+        from blockkey import KeySet, NegPos
+        from blockkey.attacks.key_search import _batch, _Scorer, hill_climb
+
+        target, train = negpos_model
+        true = target.key.steps[0].mask
+        start = KeySet(2, 3, (NegPos(tuple(1 - b for b in true)),))  # every bit wrong
+        score = _Scorer(target, _batch(train, 96, 0))
+        _, rows = hill_climb(target, score, start, 200, seed=1, progress=False)
+        first, last = rows[0], rows[-1]
+        assert first["position_fraction"] == 0.0 and first["attacker_accuracy"] < 0.6
+        assert last["batch_accuracy"] >= first["batch_accuracy"]  # never accepts a worse key
+        assert last["attacker_accuracy"] >= target_accuracy(target) - 0.05
+        assert last["position_fraction"] >= 0.5
+
+    def test_key_search_is_reproducible(self, negpos_model):
+        target, train = negpos_model
+        a = key_search_attack(target, train, random_keys=3, iterations=20, batch=32, seed=4, progress=False)
+        b = key_search_attack(target, train, random_keys=3, iterations=20, batch=32, seed=4, progress=False)
+        assert [r["attacker_accuracy"] for r in a.rows] == [r["attacker_accuracy"] for r in b.rows]
+        assert len(a.rows) == 5 and a.rows[-1]["iterations"] == 20
+
+
+def target_accuracy(target):
+    return accuracy(target, KeyedTransform(target.key))
