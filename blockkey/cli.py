@@ -413,13 +413,31 @@ def cmd_attack(args: argparse.Namespace) -> int:
         report = key_search_attack(
             target, train, random_keys=args.keys, iterations=args.iterations, batch=args.batch, seed=args.seed
         )
+    elif args.attack == "ciphertext-only":
+        from .attacks.ciphertext_only import ciphertext_only_attack
+
+        report = ciphertext_only_attack(target, train, args.images, seed=args.seed)
+    elif args.attack == "fine-tune":
+        from .attacks.finetune import finetune_attack
+
+        if not args.output:
+            raise BlockkeyError("fine-tune writes one run per variant: give -o OUTDIR")
+        report = finetune_attack(
+            target, args.model, train, args.fractions, args.output, epochs=args.epochs, seed=args.seed
+        )
     else:
         from .attacks.adapter import adapter_attack
 
         report = adapter_attack(target, train, args.fractions, epochs=args.epochs, seed=args.seed)
     if args.plot:
         check_output_suffix(args.plot)
-        x = {"known-plaintext": "pairs", "adapter": "data_fraction", "key-search": "iterations"}.get(args.attack)
+        x = {
+            "known-plaintext": "pairs",
+            "ciphertext-only": "images",
+            "adapter": "data_fraction",
+            "fine-tune": "data_fraction",
+            "key-search": "iterations",
+        }.get(args.attack)
         if x is None:
             raise BlockkeyError(f"--plot: {args.attack} has one row; nothing to plot")
         report.plot(args.plot, x)
@@ -549,7 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_evaluate)
 
     sp = add("attack", "attack a protected model without its key (the key only scores the result)")
-    sp.add_argument("attack", choices=["random-keys", "key-search", "known-plaintext", "adapter"], help="attack to run")
+    sp.add_argument(
+        "attack",
+        choices=["random-keys", "key-search", "known-plaintext", "ciphertext-only", "fine-tune", "adapter"],
+        help="attack to run",
+    )
     sp.add_argument("--model", required=True, metavar="RUN_DIR", help="the stolen model's run directory")
     sp.add_argument("--key", required=True, help="the model's true key (to score recovery and the key holder)")
     sp.add_argument("--data", help="the run's data source (default: as recorded); its split is recomputed")
@@ -558,7 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.1], help="adapter: labelled data fractions"
     )
-    sp.add_argument("--epochs", type=int, default=30, help="adapter: training epochs (default %(default)s)")
+    sp.add_argument("--images", type=int, nargs="+", default=[100, 1000], help="ciphertext-only: images seen")
+    sp.add_argument("--epochs", type=int, default=30, help="adapter, fine-tune: training epochs (default %(default)s)")
+    sp.add_argument("-o", "--output", help="fine-tune: folder for the attacker's runs")
     sp.add_argument("--keys", type=int, default=100, help="random-keys, key-search: random keys to draw")
     sp.add_argument("--iterations", type=int, default=2000, help="key-search: hill-climbing moves")
     sp.add_argument("--batch", type=int, default=256, help="random-keys, key-search: labelled images to score on")

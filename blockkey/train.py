@@ -64,6 +64,8 @@ class TrainConfig:
     norm: str = "channel"  # channel | position (per block position of the key)
     crop_padding: int = 4
     flip: bool = True
+    init_from: str | None = None  # a run directory whose weights start training (fine-tuning)
+    train_layers: str = "all"  # all | first (the first layer with weights) | last (the last one: the head)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -92,6 +94,36 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
         if p.requires_grad:
             (decay if p.dim() > 1 else no_decay).append(p)  # no decay on norms and biases
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _layers_with_weights(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+
+
+def freeze_except(model: nn.Module, which: str) -> None:
+    """Train ``all`` parameters, or only those of the ``first`` / ``last`` layer that has weights."""
+    if which == "all":
+        return
+    layers = _layers_with_weights(model)
+    if which not in ("first", "last") or not layers:
+        raise BlockkeyError(f"train_layers must be all, first or last; got {which!r}")
+    keep = layers[0] if which == "first" else layers[-1]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in keep.parameters(recurse=False):
+        p.requires_grad_(True)
+
+
+def _init_from(model: nn.Module, cfg: TrainConfig, classes: tuple[str, ...]) -> None:
+    from .checkpoint import read_meta
+
+    src = cfg.init_from
+    meta = read_meta(src)  # type: ignore[arg-type]
+    if meta["model"] != cfg.model or meta.get("model_kwargs", {}) != cfg.model_kwargs:
+        raise CheckpointError(f"--init-from {src}: a {meta['model']} {meta.get('model_kwargs', {})}, not {cfg.model}")
+    if list(meta["classes"]) != list(classes):
+        raise CheckpointError(f"--init-from {src}: its classes differ from the data's")
+    model.load_state_dict(load_weights(Path(src) / "model.safetensors"))  # type: ignore[arg-type]
 
 
 def _versions() -> dict[str, str]:
@@ -256,6 +288,9 @@ def _fit(
     with torch.random.fork_rng(devices=[]):  # the init seed does not leak into the caller's global RNG
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, len(train.classes), train.image_shape[0], **cfg.model_kwargs)
+    if cfg.init_from is not None:
+        _init_from(model, cfg, train.classes)
+    freeze_except(model, cfg.train_layers)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
