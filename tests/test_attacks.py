@@ -188,3 +188,60 @@ class TestKeySearch:
 
 def target_accuracy(target):
     return accuracy(target, KeyedTransform(target.key))
+
+
+def smooth_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Natural-image-like uint8 images: smooth luminance, correlated channels with distinct statistics."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+
+    def smooth(scale: int) -> torch.Tensor:
+        base = torch.rand(n, 1, size // scale, size // scale, generator=g)
+        return F.interpolate(base, size=size, mode="bilinear", align_corners=False)
+
+    lum = 0.75 * smooth(8) + 0.25 * smooth(2)
+    r = 0.9 * lum + 0.08 + 0.05 * smooth(2)
+    b = 0.6 * lum + 0.1 + 0.25 * smooth(4)
+    x = torch.cat([r, lum, b], 1)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class TestCiphertextOnly:
+    @pytest.mark.parametrize("recipe", ["negpos", "shuffle", "shuffle,negpos"])
+    def test_the_key_is_among_the_few_candidates(self, recipe):
+        from blockkey.attacks.ciphertext_only import recover_key_ciphertext_only
+
+        key = rand_key(recipe, 4, seed=8)
+        cipher = KeyedTransform(key).encode(smooth_images(300, seed=1))
+        plain = smooth_images(300, seed=2)  # other images of the same kind, unlabelled
+        _, info = recover_key_ciphertext_only(cipher, plain, 4, key.recipe)
+        true = compile_block_plan(key)
+        best = max(key_agreement(c, true)["position_fraction"] for c in info["all_candidates"])
+        assert best == 1.0
+        assert info["candidates"] == {"negpos": 2, "shuffle": 8, "shuffle,negpos": 16}[recipe]
+
+    def test_ffx_positions_are_found_but_not_their_tables(self):
+        from blockkey.attacks.ciphertext_only import recover_key_ciphertext_only
+
+        key = rand_key("ffx", 4, seed=9, password="ct-only")
+        cipher = KeyedTransform(key).encode(smooth_images(300, seed=1))
+        plan, info = recover_key_ciphertext_only(cipher, smooth_images(300, seed=2), 4, key.recipe)
+        true = compile_block_plan(key)
+        assert info["ffx_positions"] == sum(key.steps[0].mask)
+        assert torch.equal(plan.domain, true.domain) and torch.equal(plan.src, true.src)
+        assert key_agreement(plan, true)["table_fraction"] < 0.7
+
+    def test_swap_gains_match_brute_force_and_the_search_finds_a_planted_permutation(self):
+        import random
+
+        from blockkey.attacks.ciphertext_only import _match
+
+        g = torch.Generator().manual_seed(0)
+        n = 9
+        b = torch.rand(n, n, generator=g, dtype=torch.float64)
+        b = b + b.T
+        pi = torch.randperm(n, generator=g)
+        a = b[pi][:, pi]  # a planted permutation of b: the optimum is pi (or an automorphism of b)
+        found = _match(a, b, restarts=6, rng=random.Random(0))
+        assert torch.allclose(b[found][:, found], a)

@@ -8,11 +8,11 @@ correlations between the ``L`` block positions, measured over every block of eve
 1. FFX positions hold codes above 255 (with overwhelming probability over a few thousand blocks).
 2. negpos: a flipped position is negatively correlated with the others; the signs are read off the
    leading eigenvector of the correlation matrix (up to one global sign).
-3. shuffle: after un-flipping, the ``C`` positions of one pixel are the most correlated: greedy
-   grouping finds the pixels; each pixel's channels are labelled by matching the plain images'
-   channel statistics (means and the three channel-pair correlations); the pixels are placed on the
-   ``M x M`` grid by a local search that matches the group-to-group correlations to the plain images'
-   spatial correlations (a quadratic assignment; its 8 symmetries of the square remain).
+3. shuffle: after un-flipping, the correlation between output positions ``k`` and ``l`` estimates the
+   plain images' correlation between ``src[k]`` and ``src[l]``; ``src`` is found by matching the two
+   ``L x L`` matrices (a quadratic assignment: greedy start from each row's sorted correlations, then
+   steepest-ascent swaps, several perturbed restarts). Natural images are nearly isotropic, so the 8
+   symmetries of the square grid remain as candidates.
 4. FFX tables: not derivable from correlations (a keyed bijection); each is estimated by matching
    the quantiles of the codes to the quantiles of the plain values of its source position.
 
@@ -22,7 +22,6 @@ candidate whose predictions on unlabelled plain images are the most confident wi
 
 from __future__ import annotations
 
-import itertools
 import random
 import time
 from collections.abc import Callable
@@ -57,44 +56,56 @@ def _dihedral(m: int) -> list[Tensor]:
     return out
 
 
-def _place(group_corr: Tensor, template: Tensor, restarts: int, rng: random.Random) -> Tensor:
-    """Assign groups to grid cells maximising sum G[a, b] T[phi(a), phi(b)] (pairwise-swap local search)."""
-    n = group_corr.shape[0]
-    best_phi, best = None, -float("inf")
-    for _ in range(restarts):
-        phi = torch.tensor(rng.sample(range(n), n))
-        score = float((group_corr * template[phi][:, phi]).sum())
-        improved = True
-        while improved:
-            improved = False
-            for a, b in itertools.combinations(range(n), 2):
-                cand = phi.clone()
-                cand[a], cand[b] = phi[b], phi[a]
-                s = float((group_corr * template[cand][:, cand]).sum())
-                if s > score + 1e-12:
-                    phi, score, improved = cand, s, True
-        if score > best:
-            best_phi, best = phi, score
-    assert best_phi is not None
-    return best_phi
+def _signature_start(a: Tensor, b: Tensor, rng: random.Random, noise: float) -> Tensor:
+    """Greedy assignment of rows of ``a`` to rows of ``b`` by their sorted entries (a permutation-invariant
+    signature: corner, edge and centre cells, and the channels, have different correlation profiles)."""
+    n = a.shape[0]
+    cost = torch.cdist(a.sort(1).values, b.sort(1).values)
+    if noise:
+        gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
+        cost = cost + noise * torch.rand(cost.shape, generator=gen, dtype=cost.dtype)
+    pi = torch.full((n,), -1)
+    used = torch.zeros(n, dtype=torch.bool)
+    for flat in cost.flatten().argsort().tolist():
+        k, j = divmod(flat, n)
+        if pi[k] < 0 and not used[j]:
+            pi[k], used[j] = j, True
+    return pi
 
 
-def _groups(r: Tensor, usable: list[int], size: int) -> list[list[int]]:
-    """Greedy average-linkage grouping of positions into groups of ``size`` (the pixels)."""
-    groups = [[k] for k in usable]
-    while True:
-        best, pair = -float("inf"), None
-        for i, j in itertools.combinations(range(len(groups)), 2):
-            if len(groups[i]) + len(groups[j]) > size:
-                continue
-            s = float(r[groups[i]][:, groups[j]].mean())
-            if s > best:
-                best, pair = s, (i, j)
-        if pair is None:
-            return groups
-        i, j = pair
-        groups[i] = groups[i] + groups[j]
-        del groups[j]
+def _ascend(a: Tensor, b: Tensor, pi: Tensor) -> Tensor:
+    """Steepest-ascent pairwise swaps for ``sum a[k, l] * b[pi[k], pi[l]]``: all n^2 swap gains per step."""
+    n = a.shape[0]
+    ad = a.diagonal()
+    for _ in range(20 * n):
+        bp = b[pi][:, pi]
+        g = a @ bp  # g[i, j] = sum_l a[i, l] bp[j, l]
+        gd, bd = g.diagonal(), bp.diagonal()
+        d = g + g.T - gd[:, None] - gd[None, :]
+        corr_i = (ad[:, None] - a.T) * (bp.T - bd[:, None])  # the l = i and l = j terms the sums miscount
+        corr_j = (a - ad[None, :]) * (bd[None, :] - bp)
+        gain = 2 * (d - corr_i - corr_j) + (ad[:, None] - ad[None, :]) * (bd[None, :] - bd[:, None])
+        gain.fill_diagonal_(0)
+        v, flat = gain.flatten().max(0)
+        if float(v) <= 1e-9:
+            break
+        i, j = divmod(int(flat), n)
+        pi = pi.clone()
+        pi[i], pi[j] = pi[j].clone(), pi[i].clone()
+    return pi
+
+
+def _match(a: Tensor, b: Tensor, restarts: int, rng: random.Random) -> Tensor:
+    """``pi`` maximising ``sum a[k, l] * b[pi[k], pi[l]]`` (a quadratic assignment; symmetric ``a``, ``b``):
+    signature starts (the first exact, the others perturbed), each improved by steepest-ascent swaps."""
+    best, best_f = None, -float("inf")
+    for r in range(max(1, restarts)):
+        pi = _ascend(a, b, _signature_start(a, b, rng, 0.0 if r == 0 else 0.05))
+        f = float((a * b[pi][:, pi]).sum())
+        if f > best_f:
+            best, best_f = pi, f
+    assert best is not None
+    return best
 
 
 def _quantile_table(codes: Tensor, values: Tensor) -> Tensor:
@@ -140,58 +151,19 @@ def recover_key_ciphertext_only(
         sign[clear] = s
     unflipped = torch.where(sign < 0, PIXEL_MAX - q, q)
 
-    # src candidates: cell of the grid and channel for each clear output position
-    cells_of_groups: list[list[int]] = []  # group -> output positions ordered by channel
+    src0 = torch.arange(length)
     if "shuffle" in recipe and clear:
-        rq = _corr(unflipped[:, clear])
-        rq_full = torch.zeros(length, length, dtype=torch.float64)
-        rq_full[torch.tensor(clear)[:, None], torch.tensor(clear)[None, :]] = rq
-        groups = _groups(rq_full, clear, c)
-        rp = _corr(p)
-        # channel statistics of plain pixels: means and the pair correlations at one location
-        ch_mean = p.mean(0).view(m * m, c).mean(0)
-        ch_corr = torch.stack([rp[i * c : (i + 1) * c, i * c : (i + 1) * c] for i in range(m * m)]).mean(0)
-        q_mean = unflipped.mean(0)
-        for g in groups:
-            if len(g) != c:
-                continue
-            best, order = float("inf"), None
-            for perm in itertools.permutations(range(c)):  # perm[i]: channel of g[i]
-                e = sum(float((q_mean[g[i]] / 255 - ch_mean[perm[i]] / 255) ** 2) for i in range(c))
-                e += sum(
-                    float((rq_full[g[i], g[j]] - ch_corr[perm[i], perm[j]]) ** 2)
-                    for i, j in itertools.combinations(range(c), 2)
-                )
-                if e < best:
-                    best, order = e, perm
-            assert order is not None
-            by_channel = [0] * c
-            for i, ch in enumerate(order):
-                by_channel[ch] = g[i]
-            cells_of_groups.append(by_channel)
-        info["pixel_groups"] = len(cells_of_groups)
-        # spatial template: plain correlation between cells, averaged over channels
-        template = torch.stack([rp[ch::c, ch::c] for ch in range(c)]).mean(0)  # (m*m, m*m)
-        n = len(cells_of_groups)
-        gcorr = torch.zeros(n, n, dtype=torch.float64)
-        for a, b in itertools.product(range(n), range(n)):
-            if a != b:
-                gcorr[a, b] = sum(rq_full[cells_of_groups[a][ch], cells_of_groups[b][ch]] for ch in range(c)) / c
-        placement = _place(gcorr, template[:n, :n] if n < m * m else template, restarts, rng)
+        # E[corr(out k, out l)] = corr(in src[k], in src[l]): match the two correlation matrices
+        rq = _corr(unflipped)
+        ffx_idx = torch.nonzero(ffx).flatten()
+        rq[ffx_idx, :] = 0
+        rq[:, ffx_idx] = 0
+        src0 = _match(rq, _corr(p), restarts, rng)
 
     def plan_for(cell_sym: Tensor | None, global_sign: float) -> BlockPlan:
-        src = torch.full((length,), -1, dtype=torch.long)
-        if "shuffle" in recipe and cells_of_groups:
-            for gi, outs in enumerate(cells_of_groups):
-                cell = int(placement[gi]) if cell_sym is None else int(cell_sym[placement[gi]])
-                for ch, k in enumerate(outs):
-                    src[k] = cell * c + ch
-        elif "shuffle" not in recipe:
-            src = torch.arange(length)
-        free = [j for j in range(length) if j not in set(src.tolist())]
-        for k in range(length):  # positions left (FFX, odd groups): the free sources in order
-            if src[k] < 0:
-                src[k] = free.pop(0)
+        src = src0.clone()
+        if cell_sym is not None:  # the same solution under a symmetry of the grid
+            src = cell_sym[src // c] * c + src % c
         table = torch.arange(256).repeat(length, 1)
         domain = torch.full((length,), PIXEL_MAX)
         for k in range(length):
@@ -202,7 +174,7 @@ def recover_key_ciphertext_only(
                 table[k] = PIXEL_MAX - torch.arange(256)
         return BlockPlan(m, c, src, table, domain)
 
-    syms: list[Tensor | None] = _dihedral(m) if ("shuffle" in recipe and cells_of_groups) else [None]
+    syms: list[Tensor | None] = list(_dihedral(m)) if "shuffle" in recipe else [None]
     signs = [1.0, -1.0] if "negpos" in recipe else [1.0]
     candidates = [plan_for(s, g) for s in syms for g in signs]
     info["candidates"] = len(candidates)
