@@ -5,6 +5,8 @@ CIFAR-10 training images, 45k/5k split), converts it with fresh keys of each shu
 (`blockkey convert`), re-keys the first conversion (`blockkey rekey`), and evaluates every model on
 the same held-out 5,000 images: the correct key, plain images and random wrong keys. The
 non-protected model's own accuracy is printed beside them (the converted ones should equal it).
+Each converted model's key is written beside it (OUT/NAME/key.json), so the attack suite can run on
+it: `python benchmarks/attack_suite.py --checkpoints runs/convert-cifar10 --models shuffle-negpos`.
 
     python benchmarks/convert_cifar10.py                       # about 15 minutes on 2 CPU cores
     python benchmarks/convert_cifar10.py --wrong-keys 10       # quicker
@@ -25,6 +27,7 @@ from blockkey.evaluate import evaluate_run
 from blockkey.rekey import RekeyError, convert_run, rekey_model, rekey_run
 
 RECIPES = ["shuffle", "negpos", "shuffle,negpos", "negpos,shuffle,negpos"]
+NOTE = "benchmark key (benchmarks/convert_cifar10.py): not for real use"
 
 
 def main() -> None:
@@ -82,6 +85,7 @@ def main() -> None:
         t0 = time.perf_counter()
         convert_run(args.model, key, run)  # load, fold, float64 check, write
         seconds = time.perf_counter() - t0
+        key.with_note(NOTE).save(run / "key.json")  # beside the model, for the attack suite
         record(f"convert {recipe.replace(',', '+')}", run, key, seconds, fold_ms, args.wrong_keys)
         if first is None or recipe == "shuffle,negpos":
             first = (run, key)
@@ -89,6 +93,7 @@ def main() -> None:
     new = KeySet.generate("shuffle,negpos", 4)
     t0 = time.perf_counter()
     rekey_run(first[0], first[1], new, out / "rekeyed")
+    new.with_note(NOTE).save(out / "rekeyed" / "key.json")
     record("rekey shuffle+negpos -> new key", out / "rekeyed", new, time.perf_counter() - t0, float("nan"), 0)
     try:
         convert_run(args.model, KeySet.generate("shuffle,negpos,ffx", 4), out / "ffx")
