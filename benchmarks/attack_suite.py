@@ -30,6 +30,13 @@ from blockkey.data import load_dataset, stratified_split
 MODELS = ["shuffle", "negpos", "ffx", "shuffle-negpos-ffx"]
 ATTACKS = ["random-keys", "key-search", "known-plaintext", "ciphertext-only", "adapter", "fine-tune"]
 FRACTIONS = [0.01, 0.05, 0.1]
+PLOT_X = {
+    "adapter": "data_fraction",
+    "fine-tune": "data_fraction",
+    "key-search": "iterations",
+    "known-plaintext": "pairs",
+    "ciphertext-only": "images",
+}
 
 
 def run_attack(name: str, target: Target, run: Path, train, out: Path):
@@ -84,32 +91,22 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     if not args.table:
         data = load_dataset(args.data)
-        for model_name in args.models:
-            run = Path(args.checkpoints) / model_name
-            model, meta = load_model(run)
-            key = KeySet.load(run / "key.json")
-            d = meta.get("data", {})
-            train, val = stratified_split(data, d.get("val_fraction", 0.1), d.get("split_seed", 0))
-            target = Target(model, meta, key, val)
-            for name in args.attacks:
+        for name in args.attacks:  # attack-major: the cheap attacks finish for every model first
+            for model_name in args.models:
                 if name in results.get(model_name, {}):
                     continue
+                run = Path(args.checkpoints) / model_name
+                model, meta = load_model(run)  # a fresh copy each time: attacks may freeze or move it
+                key = KeySet.load(run / "key.json")
+                d = meta.get("data", {})
+                train, val = stratified_split(data, d.get("val_fraction", 0.1), d.get("split_seed", 0))
                 print(f"{model_name}: {name} ...", flush=True)
-                rep = run_attack(name, target, run, train, out)
-                model, _ = load_model(run)  # attacks may freeze or move the model: start each from the file
-                target = Target(model, meta, key, val)
+                rep = run_attack(name, Target(model, meta, key, val), run, train, out)
                 results.setdefault(model_name, {})[name] = rep.to_json()
                 path.write_text(json.dumps(results, indent=1))
                 print(rep.to_markdown(), flush=True)
-                if name in ("adapter", "fine-tune", "key-search", "known-plaintext", "ciphertext-only"):
-                    x = {
-                        "adapter": "data_fraction",
-                        "fine-tune": "data_fraction",
-                        "key-search": "iterations",
-                        "known-plaintext": "pairs",
-                        "ciphertext-only": "images",
-                    }[name]
-                    rep.plot(out / f"{model_name}-{name}.png", x)
+                if name in PLOT_X:
+                    rep.plot(out / f"{model_name}-{name}.png", PLOT_X[name])
     print(table(results))
 
 

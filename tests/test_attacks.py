@@ -135,6 +135,16 @@ def test_attack_cli(tmp_path, capsys):
     args = [*base[:1], "adapter", *base[1:], "--fractions", "0.5", "--epochs", "1", "--plot", tmp_path / "a.png"]
     assert main([str(a) for a in args]) == 0
     assert "| 50% of the training data" in capsys.readouterr().out and (tmp_path / "a.png").exists()
+    for name, extra, expect in [
+        ("random-keys", ["--keys", "2", "--batch", "16"], "best of 2 random keys"),
+        ("key-search", ["--keys", "2", "--iterations", "4", "--batch", "16"], "after 4 swaps/flips"),
+        ("ciphertext-only", ["--images", "20"], "20 transformed images"),
+        ("fine-tune", ["--fractions", "0.5", "--epochs", "1", "-o", tmp_path / "ft"], "scratch, 50%"),
+    ]:
+        assert main([str(a) for a in [*base[:1], name, *base[1:], *extra]]) == 0, name
+        assert expect in capsys.readouterr().out, name
+    assert main([str(a) for a in [*base[:1], "fine-tune", *base[1:]]]) == 2
+    assert "give -o OUTDIR" in capsys.readouterr().err
     wrong = ["attack", "adapter", "--model", tmp_path / "run", "--key", tmp_path / "o.json"]
     assert main([str(a) for a in wrong]) == 2
     err = capsys.readouterr().err
@@ -245,3 +255,22 @@ class TestCiphertextOnly:
         a = b[pi][:, pi]  # a planted permutation of b: the optimum is pi (or an automorphism of b)
         found = _match(a, b, restarts=6, rng=random.Random(0))
         assert torch.allclose(b[found][:, found], a)
+
+
+def test_finetune_attack_trains_what_it_says(protected, tmp_path):
+    from blockkey.attacks.finetune import finetune_attack
+
+    target, train = protected
+    stolen = tmp_path / "stolen"
+    cfg = TrainConfig(model="patchnet", model_kwargs={"patch": 4, "width": 0.25}, epochs=1, batch_size=16, amp="off")
+    fit(train, None, target.key, cfg, stolen, progress=False, log=lambda s: None)
+    model, meta = load_model(stolen)
+    t = Target(model, meta, target.key, target.val)
+    rep = finetune_attack(t, stolen, train, [0.5], tmp_path / "ft", epochs=2, progress=False)
+    assert [r["variant"] for r in rep.rows] == ["fine-tune all", "fine-tune first", "fine-tune last", "scratch"]
+    before = load_model(stolen)[0].state_dict()
+    for variant, changed in [("first", "embed.0.weight"), ("last", "head.weight")]:
+        after = load_model(tmp_path / "ft" / f"fine-tune-{variant}-0.5")[0].state_dict()
+        moved = {n for n, p in after.items() if p.is_floating_point() and not torch.equal(p, before[n])}
+        moved = {n for n in moved if "running_" not in n}  # batch-norm statistics adapt by design
+        assert moved == {changed}, (variant, moved)
