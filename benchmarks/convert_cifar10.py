@@ -67,9 +67,10 @@ def main() -> None:
             "wrong": w,
         }
         results["rows"].append(row)
+        fold = f" ({fold_ms:.1f} ms fold)" if fold_ms == fold_ms else ""  # NaN: not measured (rekey)
         wtxt = f"{w['accuracy']:.1%} ({w['std']:.1%}, {w['max']:.1%}), n={w['n']}" if w else "-"
         rows.append(
-            f"| {name} | {key.fingerprint} | {seconds:.2f} s ({fold_ms:.1f} ms fold) | "
+            f"| {name} | {key.fingerprint} | {seconds:.2f} s{fold} | "
             f"{conv['max_rel_logit_error_float64']:.0e} | {base:.2%} | {row['correct']:.2%} | {row['plain']:.1%} "
             f"| {wtxt} |"
         )
