@@ -53,25 +53,19 @@ class TestKnownPlaintext:
             recover_key(images(1, 3, 8, 8), images(2, 3, 8, 8), 4, ffx=False)
 
 
-@pytest.fixture(scope="module")
-def protected(tmp_path_factory):
-    """A small patchnet trained with a shuffle+negpos key on a learnable toy set."""
-    tmp = tmp_path_factory.mktemp("attacks")
-    data = colour_data(60, size=16)
-    train, val = stratified_split(data, 0.25, 0)
-    key = rand_key("shuffle,negpos", 4, seed=21)
-    cfg = TrainConfig(
-        model="patchnet",
-        model_kwargs={"patch": 4, "width": 0.25},
-        epochs=8,
-        batch_size=16,
-        lr=0.05,
-        amp="off",
-        norm="position",
-    )
+def trained_target(tmp, key, size: int, norm: str = "channel"):
+    """A small patchnet trained with ``key`` on a learnable toy set: its Target (held-out quarter) and train set."""
+    train, val = stratified_split(colour_data(60, size=size), 0.25, 0)
+    kwargs = {"patch": key.block_size, "width": 0.25}
+    cfg = TrainConfig(model="patchnet", model_kwargs=kwargs, epochs=8, batch_size=16, lr=0.05, amp="off", norm=norm)
     fit(train, val, key, cfg, tmp / "run", progress=False, log=lambda s: None)
     model, meta = load_model(tmp / "run")
     return Target(model, meta, key, val), train
+
+
+@pytest.fixture(scope="module")
+def protected(tmp_path_factory):
+    return trained_target(tmp_path_factory.mktemp("attacks"), rand_key("shuffle,negpos", 4, seed=21), 16, "position")
 
 
 def test_known_plaintext_attack_report(protected):
@@ -153,16 +147,7 @@ def test_attack_cli(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def negpos_model(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ks")
-    data = colour_data(60, size=8)
-    train, val = stratified_split(data, 0.25, 0)
-    key = rand_key("negpos", 2, seed=5)
-    cfg = TrainConfig(
-        model="patchnet", model_kwargs={"patch": 2, "width": 0.25}, epochs=8, batch_size=16, lr=0.05, amp="off"
-    )
-    fit(train, val, key, cfg, tmp / "run", progress=False, log=lambda s: None)
-    model, meta = load_model(tmp / "run")
-    return Target(model, meta, key, val), train
+    return trained_target(tmp_path_factory.mktemp("ks"), rand_key("negpos", 2, seed=5), 8)
 
 
 class TestKeySearch:

@@ -24,7 +24,7 @@ from ..keys import KeySet
 from ..train import predict_accuracy
 from ..transforms import KeyedTransform
 
-__all__ = ["AttackReport", "Target", "accuracy"]
+__all__ = ["AttackReport", "Target", "accuracy", "make_report"]
 
 
 @dataclass
@@ -131,6 +131,24 @@ class AttackReport:
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
+
+
+def make_report(target: Target, attack: str, rows: list[dict[str, Any]], started: float) -> AttackReport:
+    """An :class:`AttackReport` for ``rows``, with the key holder's and plain images' accuracy beside them."""
+    import time
+
+    key = target.key
+    return AttackReport(
+        attack,
+        target.meta["model"],
+        key.fingerprint,
+        list(key.recipe),
+        accuracy(target, KeyedTransform(key)),
+        accuracy(target, None),
+        1 / len(target.meta["classes"]),
+        rows,
+        time.perf_counter() - started,
+    )
 
 
 def _fmt(name: str, v: Any) -> str:

@@ -18,8 +18,7 @@ from torch import Tensor, nn
 from ..data import Data, Normalize, make_loader, stratified_subset
 from ..functional import from_blocks, to_blocks
 from ..train import autocast
-from ..transforms import KeyedTransform
-from . import AttackReport, Target, accuracy
+from . import AttackReport, Target, accuracy, make_report
 
 __all__ = ["BlockAdapter", "adapter_attack", "train_adapter"]
 
@@ -115,8 +114,6 @@ def adapter_attack(
     t_start = time.perf_counter()
     key = target.key
     use_table = ("ffx" in key.recipe) if table is None else table
-    holder = accuracy(target, KeyedTransform(key))
-    plain_acc = accuracy(target, None)
     rows = []
     for frac in tqdm(fractions, desc="adapter", disable=not progress, leave=False):
         n = max(len(train.classes), round(frac * len(train)))
@@ -133,14 +130,4 @@ def adapter_attack(
                 "train_seconds": time.perf_counter() - t0,
             }
         )
-    return AttackReport(
-        "adapter",
-        target.meta["model"],
-        key.fingerprint,
-        list(key.recipe),
-        holder,
-        plain_acc,
-        1 / len(target.meta["classes"]),
-        rows,
-        time.perf_counter() - t_start,
-    )
+    return make_report(target, "adapter", rows, t_start)

@@ -33,7 +33,7 @@ from ..data import ImageTensors
 from ..functional import FFX_MAX, PIXEL_MAX, BlockPlan, compile_block_plan, to_blocks
 from ..train import autocast
 from ..transforms import KeyedTransform
-from . import AttackReport, Target, accuracy
+from . import AttackReport, Target, accuracy, make_report
 from .known_plaintext import key_agreement
 
 __all__ = ["ciphertext_only_attack", "recover_key_ciphertext_only"]
@@ -241,14 +241,4 @@ def ciphertext_only_attack(
                 "recovery_seconds": time.perf_counter() - t0,
             }
         )
-    return AttackReport(
-        "ciphertext-only",
-        target.meta["model"],
-        key.fingerprint,
-        list(key.recipe),
-        accuracy(target, transform),
-        accuracy(target, None),
-        1 / len(target.meta["classes"]),
-        rows,
-        time.perf_counter() - t_start,
-    )
+    return make_report(target, "ciphertext-only", rows, t_start)

@@ -16,8 +16,7 @@ from pathlib import Path
 from ..data import Data, stratified_subset
 from ..evaluate import evaluate_run
 from ..train import TrainConfig, fit
-from ..transforms import KeyedTransform
-from . import AttackReport, Target, accuracy
+from . import AttackReport, Target, make_report
 
 __all__ = ["finetune_attack"]
 
@@ -78,15 +77,4 @@ def finetune_attack(
                     "train_seconds": time.perf_counter() - t0,
                 }
             )
-    key = target.key
-    return AttackReport(
-        "fine-tune",
-        meta["model"],
-        key.fingerprint,
-        list(key.recipe),
-        accuracy(target, KeyedTransform(key)),
-        accuracy(target, None),
-        1 / len(meta["classes"]),
-        rows,
-        time.perf_counter() - t_start,
-    )
+    return make_report(target, "fine-tune", rows, t_start)

@@ -22,7 +22,7 @@ from ..functional import compile_block_plan
 from ..keys import FFX, KeySet, NegPos, Shuffle
 from ..train import autocast
 from ..transforms import KeyedTransform
-from . import AttackReport, Target, accuracy
+from . import AttackReport, Target, accuracy, make_report
 from .known_plaintext import key_agreement
 
 __all__ = ["hill_climb", "key_search_attack", "random_keys_attack"]
@@ -52,21 +52,6 @@ def _batch(train: Data, size: int, seed: int) -> ImageTensors:
     sub = stratified_subset(train, min(size, len(train)), seed)
     assert isinstance(sub, ImageTensors)
     return sub
-
-
-def _report(target: Target, name: str, rows: list[dict], t0: float) -> AttackReport:
-    key = target.key
-    return AttackReport(
-        name,
-        target.meta["model"],
-        key.fingerprint,
-        list(key.recipe),
-        accuracy(target, KeyedTransform(key)),
-        accuracy(target, None),
-        1 / len(target.meta["classes"]),
-        rows,
-        time.perf_counter() - t0,
-    )
 
 
 def _random_search(target: Target, score: _Scorer, n: int, seed: int, progress: bool) -> tuple[KeySet, list[float]]:
@@ -101,7 +86,7 @@ def random_keys_attack(
         "attacker_accuracy": accuracy(target, KeyedTransform(best)),
         **key_agreement(compile_block_plan(best), compile_block_plan(target.key)),
     }
-    return _report(target, "random-keys", [row], t0)
+    return make_report(target, "random-keys", [row], t0)
 
 
 def _neighbour(key: KeySet, rng: random.Random) -> KeySet:
@@ -187,4 +172,4 @@ def key_search_attack(
     _, rows = hill_climb(target, score, start, iterations, seed=seed, report_at=marks, progress=progress)
     for r in rows:
         r["setting"] = f"best of {random_keys} random keys, {r['setting']}"
-    return _report(target, "key-search", rows, t0)
+    return make_report(target, "key-search", rows, t0)

@@ -23,7 +23,7 @@ from ..data import ImageTensors
 from ..errors import ShapeError
 from ..functional import FFX_MAX, PIXEL_MAX, BlockPlan, compile_block_plan, to_blocks
 from ..transforms import KeyedTransform
-from . import AttackReport, Target, accuracy
+from . import AttackReport, Target, accuracy, make_report
 
 __all__ = ["key_agreement", "known_plaintext_attack", "recover_key"]
 
@@ -118,8 +118,6 @@ def known_plaintext_attack(
     source = data if data is not None else target.val
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(source), generator=g)
-    holder = accuracy(target, transform)
-    plain_acc = accuracy(target, None)
     rows = []
     for k in pairs:
         t0 = time.perf_counter()
@@ -138,14 +136,4 @@ def known_plaintext_attack(
                 "recovery_seconds": rec_seconds,
             }
         )
-    return AttackReport(
-        "known-plaintext",
-        target.meta["model"],
-        key.fingerprint,
-        list(key.recipe),
-        holder,
-        plain_acc,
-        1 / len(target.meta["classes"]),
-        rows,
-        time.perf_counter() - t_start,
-    )
+    return make_report(target, "known-plaintext", rows, t_start)
