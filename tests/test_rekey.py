@@ -198,3 +198,18 @@ def test_cli(plain_run, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["convmixer", "vit"])
+def test_block_aligned_models_train_and_convert(name, tmp_path):
+    data = colour_data(20, size=16)
+    tr, va = stratified_split(data, 0.25, 0)
+    kwargs = {"patch": 4, **SMALL[name]}
+    cfg = TrainConfig(model=name, model_kwargs=kwargs, epochs=2, batch_size=16, lr=0.02, amp="off", norm="position")
+    fit(tr, va, None, cfg, tmp_path / "plain", progress=False, log=lambda s: None)
+    key = rand_key("negpos,shuffle", 4, seed=31)
+    meta = convert_run(tmp_path / "plain", key, tmp_path / "prot")
+    assert meta["conversions"][-1]["max_rel_logit_error_float64"] < 1e-9
+    plain = evaluate_run(tmp_path / "plain", va, None, progress=False).rows[0]["accuracy"]
+    prot = evaluate_run(tmp_path / "prot", va, key, wrong_keys=0, progress=False).rows[0]["accuracy"]
+    assert prot == pytest.approx(plain)
