@@ -10,9 +10,9 @@ correlations between the ``L`` block positions, measured over every block of eve
    leading eigenvector of the correlation matrix (up to one global sign).
 3. shuffle: after un-flipping, the correlation between output positions ``k`` and ``l`` estimates the
    plain images' correlation between ``src[k]`` and ``src[l]``; ``src`` is found by matching the two
-   ``L x L`` matrices (a quadratic assignment: greedy start from each row's sorted correlations, then
-   steepest-ascent swaps, several perturbed restarts). Natural images are nearly isotropic, so the 8
-   symmetries of the square grid remain as candidates.
+   ``L x L`` matrices in least squares over the positions FFX left clear (a quadratic assignment:
+   starts from each row's sorted correlations and random ones, steepest-ascent swaps). Natural
+   images are nearly isotropic, so the 8 symmetries of the square grid remain as candidates.
 4. FFX tables: not derivable from correlations (a keyed bijection); each is estimated by matching
    the quantiles of the codes to the quantiles of the plain values of its source position.
 
@@ -73,18 +73,30 @@ def _signature_start(a: Tensor, b: Tensor, rng: random.Random, noise: float) -> 
     return pi
 
 
-def _ascend(a: Tensor, b: Tensor, pi: Tensor) -> Tensor:
-    """Steepest-ascent pairwise swaps for ``sum a[k, l] * b[pi[k], pi[l]]``: all n^2 swap gains per step."""
-    n = a.shape[0]
+def _swap_gains(a: Tensor, b: Tensor, pi: Tensor) -> Tensor:
+    """``gain[i, j]``: the change of ``sum a[k, l] * b[pi[k], pi[l]]`` when ``pi[i]`` and ``pi[j]`` swap."""
     ad = a.diagonal()
+    bp = b[pi][:, pi]
+    g = a @ bp  # g[i, j] = sum_l a[i, l] bp[j, l]
+    gd, bd = g.diagonal(), bp.diagonal()
+    d = g + g.T - gd[:, None] - gd[None, :]
+    corr_i = (ad[:, None] - a.T) * (bp.T - bd[:, None])  # the l = i and l = j terms the sums miscount
+    corr_j = (a - ad[None, :]) * (bd[None, :] - bp)
+    return 2 * (d - corr_i - corr_j) + (ad[:, None] - ad[None, :]) * (bd[None, :] - bd[:, None])
+
+
+def _objective(a: Tensor, w: Tensor, b: Tensor, pi: Tensor) -> float:
+    bp = b[pi][:, pi]
+    return float((2 * a * bp - w * bp * bp).sum())
+
+
+def _ascend(a: Tensor, w: Tensor, b: Tensor, pi: Tensor) -> Tensor:
+    """Steepest-ascent pairwise swaps for ``-sum w[k, l] (a[k, l] - b[pi[k], pi[l]])^2`` (up to a constant:
+    ``2 a b_pi - w b_pi^2``); ``w`` masks the pairs that were observed. All n^2 swap gains per step."""
+    n = a.shape[0]
+    b2 = b * b
     for _ in range(20 * n):
-        bp = b[pi][:, pi]
-        g = a @ bp  # g[i, j] = sum_l a[i, l] bp[j, l]
-        gd, bd = g.diagonal(), bp.diagonal()
-        d = g + g.T - gd[:, None] - gd[None, :]
-        corr_i = (ad[:, None] - a.T) * (bp.T - bd[:, None])  # the l = i and l = j terms the sums miscount
-        corr_j = (a - ad[None, :]) * (bd[None, :] - bp)
-        gain = 2 * (d - corr_i - corr_j) + (ad[:, None] - ad[None, :]) * (bd[None, :] - bd[:, None])
+        gain = 2 * _swap_gains(a, b, pi) - _swap_gains(w, b2, pi)
         gain.fill_diagonal_(0)
         v, flat = gain.flatten().max(0)
         if float(v) <= 1e-9:
@@ -95,13 +107,24 @@ def _ascend(a: Tensor, b: Tensor, pi: Tensor) -> Tensor:
     return pi
 
 
-def _match(a: Tensor, b: Tensor, restarts: int, rng: random.Random) -> Tensor:
-    """``pi`` maximising ``sum a[k, l] * b[pi[k], pi[l]]`` (a quadratic assignment; symmetric ``a``, ``b``):
-    signature starts (the first exact, the others perturbed), each improved by steepest-ascent swaps."""
+def _match(a: Tensor, b: Tensor, restarts: int, rng: random.Random, observed: Tensor | None = None) -> Tensor:
+    """``pi`` minimising ``sum (a[k, l] - b[pi[k], pi[l]])^2`` over the ``observed`` rows/columns of ``a``
+    (a quadratic assignment; symmetric ``a``, ``b``). Starts: the sorted-row signature (exact, then
+    perturbed) and random permutations (which matter when only part of ``a`` is observed); each start is
+    improved by steepest-ascent swaps."""
+    n = a.shape[0]
+    obs = torch.ones(n, dtype=torch.float64) if observed is None else observed.to(torch.float64)
+    w = obs[:, None] * obs[None, :]
     best, best_f = None, -float("inf")
     for r in range(max(1, restarts)):
-        pi = _ascend(a, b, _signature_start(a, b, rng, 0.0 if r == 0 else 0.05))
-        f = float((a * b[pi][:, pi]).sum())
+        if r == 0:
+            start = _signature_start(a, b, rng, 0.0)
+        elif r % 2:
+            start = _signature_start(a, b, rng, 0.05)
+        else:
+            start = torch.tensor(rng.sample(range(n), n))
+        pi = _ascend(a, w, b, start)
+        f = _objective(a, w, b, pi)
         if f > best_f:
             best, best_f = pi, f
     assert best is not None
@@ -125,7 +148,7 @@ def recover_key_ciphertext_only(
     recipe: tuple[str, ...] | list[str],
     *,
     score: Callable[[BlockPlan], float] | None = None,
-    restarts: int = 8,
+    restarts: int = 24,
     seed: int = 0,
 ) -> tuple[BlockPlan, dict]:
     """A key estimated from transformed ``codes`` (``(N, C, H, W)`` integer) and unlabelled ``plain``
@@ -158,7 +181,7 @@ def recover_key_ciphertext_only(
         ffx_idx = torch.nonzero(ffx).flatten()
         rq[ffx_idx, :] = 0
         rq[:, ffx_idx] = 0
-        src0 = _match(rq, _corr(p), restarts, rng)
+        src0 = _match(rq, _corr(p), restarts, rng, observed=~ffx)
 
     def plan_for(cell_sym: Tensor | None, global_sign: float) -> BlockPlan:
         src = src0.clone()
