@@ -384,7 +384,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     model, meta = load_model(args.model)
     key = KeySet.load(args.key)
     model_key = meta.get("key")
-    if model_key is None or model_key["fingerprint"] != key.fingerprint:
+    if model_key is None:
+        raise KeyMismatchError(f"{args.model} is not protected: there is no key to attack")
+    if model_key["fingerprint"] != key.fingerprint:
         raise KeyMismatchError(f"{args.key} is not the key of {args.model}: attacks score against the true key")
     spec = args.data or meta.get("data", {}).get("source")
     if not spec:
