@@ -191,3 +191,13 @@ class TestReviewRegressions:
 
     def test_generated_masks_are_never_empty(self):
         assert all(any(KeySet.generate("ffx", 1, 1).steps[0].mask) for _ in range(50))
+
+
+def test_from_seed_is_reproducible_and_marked_public():
+    from blockkey import KeySet
+
+    a = KeySet.from_seed("attack/0/1", "shuffle,negpos,ffx", 4)
+    assert a == KeySet.from_seed("attack/0/1", "shuffle,negpos,ffx", 4)
+    assert a != KeySet.from_seed("attack/0/2", "shuffle,negpos,ffx", 4)
+    assert sorted(a.steps[0].perm) == list(range(48)) and any(a.steps[1].mask)
+    assert "not secret" in a.meta["source"]
