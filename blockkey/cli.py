@@ -393,7 +393,14 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise BlockkeyError("--data is needed (the run does not record its data source)")
     data = _load_data(spec, train=True, root=args.data_root)
     if isinstance(data, ImageFolderStream):
-        raise BlockkeyError("attacks need the images in memory; this dataset is too large (use a --sample)")
+        raise BlockkeyError("attacks need the images in memory; streamed datasets (--stream) are not supported")
+    counts = {"--pairs": args.pairs, "--images": args.images, "--keys": [args.keys], "--batch": [args.batch]}
+    counts |= {"--iterations": [args.iterations], "--epochs": [args.epochs]}
+    for flag, values in counts.items():
+        if any(v < 1 for v in values):
+            raise BlockkeyError(f"{flag} takes positive counts; got {' '.join(map(str, values))}")
+    if any(not 0 < f <= 1 for f in args.fractions):
+        raise BlockkeyError(f"--fractions are shares of the training data in (0, 1]; got {args.fractions}")
     from .evaluate import align_classes
 
     train, val = _run_split(align_classes(data, meta["classes"]), meta)

@@ -101,6 +101,17 @@ def test_adapter_attack_recovers_accuracy_on_a_shuffle_negpos_model(protected, t
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
+def test_training_an_adapter_leaves_the_stolen_model_as_it_was(protected):
+    from blockkey.attacks.adapter import train_adapter
+
+    target, train = protected
+    before = {n: p.requires_grad for n, p in target.model.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in target.model.named_parameters()}
+    train_adapter(target, train, table=False, epochs=1)
+    assert {n: p.requires_grad for n, p in target.model.named_parameters()} == before
+    assert all(torch.equal(p, weights[n]) for n, p in target.model.named_parameters())
+
+
 def test_table_adapter_starts_as_plain_images(protected):
     target, _ = protected
     t = BlockAdapter(4, 3, target.normalize, table=True)
@@ -143,6 +154,10 @@ def test_attack_cli(tmp_path, capsys):
     assert main([str(a) for a in wrong]) == 2
     err = capsys.readouterr().err
     assert "is not the key of" in err and err.count("\n") == 1
+    for extra, message in [(["--pairs", "0"], "--pairs takes positive"), (["--fractions", "2"], "in (0, 1]")]:
+        assert main([str(a) for a in [*base[:1], "known-plaintext", *base[1:], *extra]]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 @pytest.fixture(scope="module")

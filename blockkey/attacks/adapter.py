@@ -55,7 +55,7 @@ class BlockAdapter(nn.Module):
             b = self.linear(b)
         y = from_blocks(b, m, c)
         if self.normalize is not None:
-            if self._norm is None or self._norm[0].device != y.device:
+            if self._norm is None or self._norm[0].device != y.device or self._norm[0].shape != y.shape[-3:]:
                 self._norm = self.normalize.tensors(tuple(y.shape[-3:]), y.device)
             y = (y - self._norm[0]) / self._norm[1]
         return y
@@ -73,8 +73,19 @@ def train_adapter(
 ) -> BlockAdapter:
     """Fit a :class:`BlockAdapter` for the frozen ``target.model`` on plain labelled ``train`` images."""
     model = target.model.eval()
-    for p in model.parameters():
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # frozen while the adapter trains; restored below
         p.requires_grad_(False)
+    try:
+        return _fit_adapter(target, model, train, table, epochs, lr, batch_size, seed)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _fit_adapter(
+    target: Target, model: nn.Module, train: Data, table: bool, epochs: int, lr: float, batch_size: int, seed: int
+) -> BlockAdapter:
     m = target.key.block_size
     adapter = BlockAdapter(m, target.key.channels, target.normalize, table=table).to(target.device)
     opt = torch.optim.Adam(adapter.parameters(), lr=lr)

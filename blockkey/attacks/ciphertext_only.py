@@ -64,13 +64,14 @@ def _signature_start(a: Tensor, b: Tensor, rng: random.Random, noise: float) -> 
     if noise:
         gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
         cost = cost + noise * torch.rand(cost.shape, generator=gen, dtype=cost.dtype)
-    pi = torch.full((n,), -1)
-    used = torch.zeros(n, dtype=torch.bool)
+    pi, used, left = [-1] * n, [False] * n, n
     for flat in cost.flatten().argsort().tolist():
         k, j = divmod(flat, n)
         if pi[k] < 0 and not used[j]:
-            pi[k], used[j] = j, True
-    return pi
+            pi[k], used[j], left = j, True, left - 1
+            if not left:
+                break
+    return torch.tensor(pi)
 
 
 def _swap_gains(a: Tensor, b: Tensor, pi: Tensor) -> Tensor:
