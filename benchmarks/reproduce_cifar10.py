@@ -63,6 +63,61 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def train_recipe(
+    out: Path,
+    name: str,
+    recipe: str | None,
+    model: str,
+    epochs: int,
+    train,
+    val,
+    args: argparse.Namespace,
+    *,
+    wrong_keys: int,
+    block_size: int = 4,
+    norm: str = "position",
+    model_kwargs: dict | None = None,
+) -> dict:
+    """Train ``model`` with a fresh key of ``recipe`` (None: non-protected) into OUT/NAME, resuming an
+    interrupted run, then evaluate it on ``val``. The key is saved beside the run as OUT/NAME.key.json."""
+    run = out / name
+    key_path = out / f"{name}.key.json"
+    key = None
+    if recipe is not None:
+        if key_path.exists():
+            key = KeySet.load(key_path)
+        else:
+            key = KeySet.generate(recipe, block_size).with_note(PUBLISHED_NOTE)
+            key.save(key_path)
+    kwargs = ({"patch": block_size} if block_aligned(model) else {}) | (model_kwargs or {})
+    cfg = TrainConfig(
+        model=model,
+        model_kwargs=kwargs,
+        epochs=epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        label_smoothing=0.1,
+        norm=norm,
+        seed=args.seed,
+    )
+    resume = (run / "LATEST").exists()
+    start = time.perf_counter()
+    info = {"source": args.data, "val_fraction": args.val_fraction, "split_seed": args.seed}
+    meta = fit(train, val, key, cfg, run, resume=resume, data_info=info)
+    seconds = time.perf_counter() - start
+    report = evaluate_run(run, val, key, wrong_keys=wrong_keys, progress=False)
+    print(report.to_markdown(), flush=True)
+    return {
+        "model": model,
+        "epochs": epochs,
+        "train_seconds": round(sum(h["seconds"] for h in meta["history"]), 1),
+        "wall_seconds_this_session": round(seconds, 1),
+        "resumed": resume,
+        "eval": report.to_json(),
+        "key_fingerprint": key.fingerprint if key else None,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="../shared/datasets/cifar10/train")
@@ -90,44 +145,10 @@ def main() -> None:
             if name in results:
                 print(f"{name}: done already ({results_path})")
                 continue
-            recipe = RECIPES[name]
-            run = out / name
-            key_path = out / f"{name}.key.json"
-            key = None
-            if recipe is not None:
-                if key_path.exists():
-                    key = KeySet.load(key_path)
-                else:
-                    key = KeySet.generate(recipe, 4).with_note(PUBLISHED_NOTE)
-                    key.save(key_path)
-            kwargs = {"patch": 4} if block_aligned(args.model) else {}
-            cfg = TrainConfig(
-                model=args.model,
-                model_kwargs=kwargs,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                label_smoothing=0.1,
-                norm="position",
-                seed=args.seed,
+            results[name] = train_recipe(
+                out, name, RECIPES[name], args.model, args.epochs, train, val, args, wrong_keys=args.wrong_keys
             )
-            resume = (run / "LATEST").exists()
-            start = time.perf_counter()
-            info = {"source": args.data, "val_fraction": args.val_fraction, "split_seed": args.seed}
-            meta = fit(train, val, key, cfg, run, resume=resume, data_info=info)
-            seconds = time.perf_counter() - start
-            report = evaluate_run(run, val, key, wrong_keys=args.wrong_keys)
-            results[name] = {
-                "model": args.model,
-                "epochs": args.epochs,
-                "train_seconds": round(sum(h["seconds"] for h in meta["history"]), 1),
-                "wall_seconds_this_session": round(seconds, 1),
-                "resumed": resume,
-                "eval": report.to_json(),
-                "key_fingerprint": key.fingerprint if key else None,
-            }
             results_path.write_text(json.dumps(results, indent=1))
-            print(report.to_markdown(), flush=True)
     if args.release:
         for name in results:
             dst = Path("checkpoints") / name

@@ -7,7 +7,7 @@ plain images, 3 wrong keys). One configuration per call, so a shell loop can swe
     python benchmarks/short_budget.py none fastnet channel 5
     python benchmarks/short_budget.py shuffle,negpos,ffx patchnet position 5
 
-Arguments: recipe (or none), model, normalisation (channel | position), epochs. The key is
+Arguments: recipe (or none), model, normalisation (channel | position | none), epochs. The key is
 derived from a fixed passphrase so every configuration sees the same key.
 """
 
@@ -28,10 +28,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("recipe")
     ap.add_argument("model")
-    ap.add_argument("norm", choices=["channel", "position"])
+    ap.add_argument("norm", choices=["channel", "position", "none"])
     ap.add_argument("epochs", type=int)
     ap.add_argument("--data", default="../shared/datasets/cifar10/train")
     ap.add_argument("--train-images", type=int, default=10_000)
+    ap.add_argument("--model-arg", action="append", default=[], help="extra model argument NAME=INT, e.g. value_dim=4")
     args = ap.parse_args()
 
     data = load_dataset(args.data)
@@ -39,6 +40,7 @@ def main() -> None:
     train, val = stratified_subset(train, args.train_images, 0), stratified_subset(val, 2000, 0)
     key = None if args.recipe == "none" else KeySet.derive("exp", args.recipe, 4, salt=b"exp")
     kwargs = {"patch": 4} if block_aligned(args.model) else {}
+    kwargs |= {k: int(v) for k, v in (a.split("=", 1) for a in args.model_arg)}
     cfg = TrainConfig(
         model=args.model, model_kwargs=kwargs, epochs=args.epochs, norm=args.norm, lr=0.2, label_smoothing=0.1
     )

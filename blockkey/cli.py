@@ -286,14 +286,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .models import block_aligned
     from .train import TrainConfig, fit
 
-    key = None if args.no_key else KeySet.load(args.key)
+    key = KeySet.load(args.key) if args.key else None
+    if args.passport and args.protection != "passport":
+        raise BlockkeyError("--passport FILE goes with --protection passport")
     data = _load_data(args.data, train=True, root=args.data_root, stream=args.stream, workers=args.workers)
     if args.limit:
         data = stratified_subset(data, args.limit, args.seed)
     train, val = stratified_split(data, args.val_fraction, args.seed)
-    model_kwargs = {}
+    model_kwargs: dict[str, Any] = {}
     if block_aligned(args.model):  # patch embedding aligned with the key's blocks (the twin: --patch)
         model_kwargs["patch"] = key.block_size if key is not None else args.patch
+    passports = None
+    if args.protection == "passport":
+        passports, model_kwargs = _passports_for(args, train, model_kwargs)
     cfg = TrainConfig(
         model=args.model,
         model_kwargs=model_kwargs,
@@ -314,11 +319,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         "limit": args.limit,
         "stream_image_size": args.stream,
     }
-    meta = fit(train, val, key, cfg, args.output, resume=args.resume, device=args.device, data_info=info)
+    meta = fit(
+        train, val, key, cfg, args.output, resume=args.resume, device=args.device, data_info=info, passports=passports
+    )
     last = meta["metrics"]
     text = f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in last.items())
     _emit(args, {"run": args.output, "metrics": last, "history": meta["history"]}, text)
     return 0
+
+
+def _passports_for(args: argparse.Namespace, train: Any, model_kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Passports for ``--protection passport``: loaded from ``--passport`` or drawn and written (0600)."""
+    from .models import create_model, model_accepts
+    from .passport import Passports
+
+    if not model_accepts(args.model, "passport"):
+        raise BlockkeyError(f"--protection passport: {args.model} has no passport variant (resnet18_cifar has)")
+    c, h, w = train.image_shape
+    if h != w:
+        raise BlockkeyError(f"--protection passport needs square images; got {h}x{w}")
+    model_kwargs = {**model_kwargs, "passport": True, "image_size": h}
+    path = Path(args.passport or f"{str(args.output).rstrip('/')}.passport")
+    if path.exists():
+        return Passports.load(path), model_kwargs
+    passports = Passports.generate(create_model(args.model, len(train.classes), c, **model_kwargs))
+    passports.save(path)
+    print(
+        f"wrote new passports {path} (mode 0600, fingerprint {passports.fingerprint}): keep them secret",
+        file=sys.stderr,
+    )
+    return passports, model_kwargs
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -328,6 +358,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     meta = read_meta(args.model)
     key = KeySet.load(args.key) if args.key else None
+    passports = None
+    if args.passport:
+        from .passport import Passports
+
+        passports = Passports.load(args.passport)
     spec = args.data or meta.get("data", {}).get("source")
     if not spec:
         raise BlockkeyError("--data is needed (the run does not record its data source)")
@@ -337,7 +372,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data = _run_split(data, meta)[1]
     if args.sample:
         data = stratified_subset(data, args.sample, seed=12345)
-    report = evaluate_run(args.model, data, key, wrong_keys=args.wrong_keys, device=args.device)
+    report = evaluate_run(args.model, data, key, wrong_keys=args.wrong_keys, device=args.device, passports=passports)
     if args.plot:
         check_output_suffix(args.plot)
         report.plot(args.plot)
@@ -493,7 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_tour)
 
     sp = add("keygen", "generate a key set (OS entropy) or derive one from a passphrase (scrypt)")
-    sp.add_argument("--transforms", required=True, help="ordered steps, e.g. shuffle,negpos,ffx")
+    sp.add_argument(
+        "--transforms", required=True, help="ordered steps, e.g. shuffle,negpos,ffx (ffx-all: FFX on every position)"
+    )
     sp.add_argument("--block-size", type=int, required=True, help="block size M")
     sp.add_argument("--channels", type=int, default=3, help="image channels C (default %(default)s)")
     sp.add_argument("--passphrase", help="derive the key from this passphrase ('-' reads it from stdin)")
@@ -530,6 +567,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--key", help="key file")
     g.add_argument("--no-key", action="store_true", help="train the non-protected baseline")
+    g.add_argument(
+        "--protection",
+        choices=["passport"],
+        help="passport protection (Fan et al. 2019, scheme V1) instead of a key (model: resnet18_cifar)",
+    )
+    sp.add_argument(
+        "--passport",
+        metavar="FILE",
+        help="passports for --protection passport (default OUTPUT.passport; drawn and written 0600 if missing)",
+    )
     sp.add_argument(
         "--model", default="fastnet", help="registered model or tv_<torchvision name> (default %(default)s)"
     )
@@ -544,7 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--seed", type=int, default=0, help="data order, augmentation, init and split (not the key)")
     sp.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
-    sp.add_argument("--norm", choices=["channel", "position"], default="channel", help="normalisation statistics")
+    sp.add_argument(
+        "--norm",
+        choices=["channel", "position", "none"],
+        default="channel",
+        help="normalisation statistics (none: raw [0, 1] values, for tablenet)",
+    )
     sp.add_argument("--val-fraction", type=float, default=0.1, help="held-out validation share (default %(default)s)")
     sp.add_argument("--limit", type=int, help="use a stratified random sample of N images (quick runs)")
     sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
@@ -567,7 +619,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="all images of --data, the run's held-out validation split, or the torchvision test split",
     )
-    sp.add_argument("--wrong-keys", type=int, default=100, help="random wrong keys to try (default %(default)s)")
+    sp.add_argument("--passport", metavar="FILE", help="the passports of a passport model")
+    sp.add_argument(
+        "--wrong-keys",
+        type=int,
+        default=100,
+        help="random wrong keys (forged passports for a passport model) to try (default %(default)s)",
+    )
     sp.add_argument("--sample", type=int, help="evaluate a stratified random sample of N images")
     sp.add_argument("--plot", help="write a PNG bar plot here")
     sp.add_argument("--stream", type=int, metavar="SIZE", help="decode per batch at SIZE x SIZE (default: as trained)")

@@ -322,11 +322,14 @@ def stratified_subset(data: ImageTensors, n: int, seed: int) -> ImageTensors:
 
 @dataclass(frozen=True)
 class Normalize:
-    """``(x - mean) / std`` with statistics per channel (``(C,)``) or per block position (``(L,)``)."""
+    """``(x - mean) / std`` with statistics per channel (``(C,)``) or per block position (``(L,)``).
+
+    Mode ``none`` is the identity (mean 0, std 1 per channel), for models that read raw values.
+    """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    mode: str = "channel"  # or "position"
+    mode: str = "channel"  # or "position", or "none"
     block_size: int = 1
 
     def tensors(
@@ -334,7 +337,7 @@ class Normalize:
     ) -> tuple[Tensor, Tensor]:
         c, h, w = shape
         mean, std = torch.tensor(self.mean, dtype=dtype), torch.tensor(self.std, dtype=dtype)
-        if self.mode == "channel":
+        if self.mode in ("channel", "none"):
             return mean.view(c, 1, 1).to(device), std.view(c, 1, 1).to(device)
         from .functional import from_blocks
 
@@ -348,7 +351,7 @@ class Normalize:
     def per_position(self, block_size: int, channels: int) -> tuple[Tensor, Tensor]:
         """float64 ``(mean, std)`` of each of the ``M*M*C`` positions of a block, (row, col, channel) order."""
         mean, std = torch.tensor(self.mean, dtype=torch.float64), torch.tensor(self.std, dtype=torch.float64)
-        if self.mode == "channel":
+        if self.mode in ("channel", "none"):
             reps = block_size * block_size
             return mean.repeat(reps), std.repeat(reps)  # channel varies fastest
         if self.block_size != block_size:
@@ -379,8 +382,11 @@ class Normalize:
         """
         from .functional import to_blocks
 
-        if mode not in ("channel", "position"):
-            raise DataError(f"normalisation mode must be 'channel' or 'position'; got {mode!r}")
+        if mode not in ("channel", "position", "none"):
+            raise DataError(f"normalisation mode must be 'channel', 'position' or 'none'; got {mode!r}")
+        if mode == "none":
+            c = data.image_shape[0]
+            return cls((0.0,) * c, (1.0,) * c, "none", 1)
         m = transform.block_size if transform is not None else (block_size or 1)
         if mode == "position" and m == 1 and transform is None:
             raise DataError("per-position normalisation of plain images needs a block size")

@@ -13,6 +13,7 @@ from torch import nn
 from .checkpoint import CheckpointError, RunMeta, load_model
 from .data import Data, DataError, ImageFolderStream, ImageTensors, Normalize, make_loader
 from .keys import KeySet
+from .passport import PassportError, Passports, signature_match
 from .train import pick_device, predict_accuracy
 from .transforms import KeyedTransform
 
@@ -47,11 +48,17 @@ class EvalReport:
             "| setting | accuracy | std | min | max | n |",
             "|---|---:|---:|---:|---:|---:|",
         ]
+        sig = any("signature_match" in r for r in self.rows)
+        if sig:
+            lines = [lines[0] + " owner's signature bits reproduced |", lines[1] + "---:|"]
         for r in self.rows:
             std = f"{r['std']:.1%}" if r.get("n", 1) > 1 else ""
             mn = f"{r['min']:.1%}" if r.get("n", 1) > 1 else ""
             mx = f"{r['max']:.1%}" if r.get("n", 1) > 1 else ""
-            lines.append(f"| {r['setting']} | {r['accuracy']:.1%} | {std} | {mn} | {mx} | {r.get('n', 1)} |")
+            line = f"| {r['setting']} | {r['accuracy']:.1%} | {std} | {mn} | {mx} | {r.get('n', 1)} |"
+            if sig:
+                line += f" {r['signature_match']:.1%} |" if "signature_match" in r else " |"
+            lines.append(line)
         return "\n".join(lines)
 
     def plot(self, path: str | os.PathLike[str]) -> None:
@@ -114,8 +121,13 @@ def evaluate_model(
     batch_size: int = 500,
     device: str | torch.device | None = None,
     progress: bool = True,
+    passports: Passports | None = None,
 ) -> EvalReport:
-    """Accuracy with ``key``, with plain images and with ``wrong_keys`` random keys of the model's recipe."""
+    """Accuracy with ``key``, with plain images and with ``wrong_keys`` random keys of the model's recipe.
+
+    A passport model instead: accuracy with ``passports`` and with ``wrong_keys`` forged (random)
+    passports, each with the fraction of the owner's signature bits that ``sign(gamma)`` reproduces.
+    """
     from tqdm import tqdm
 
     dev = pick_device(str(device) if device is not None else None)
@@ -134,6 +146,8 @@ def evaluate_model(
         return predict_accuracy(model, loader, dev, amp, cl)
 
     model_key = meta.get("key")
+    if meta.get("passport") or passports is not None:
+        return _evaluate_passports(model, meta, data, key, passports, wrong_keys, acc, progress)
     rows = []
     matches = None
     if key is not None:
@@ -145,13 +159,52 @@ def evaluate_model(
     if model_key is not None:
         rows.append(_stats("plain images", [acc(None)]))
         if wrong_keys > 0:
-            recipe, m, c = model_key["recipe"], model_key["block_size"], model_key["channels"]
+            recipe = model_key.get("spec", model_key["recipe"])  # ffx-all draws ffx-all wrong keys
+            m, c = model_key["block_size"], model_key["channels"]
             accs = []
             for _ in tqdm(range(wrong_keys), desc="wrong keys", leave=False, disable=not progress):
                 accs.append(acc(KeyedTransform(KeySet.generate(recipe, m, c))))
             rows.append(_stats(f"{wrong_keys} random wrong keys", accs))
     given = key.fingerprint if key else None
     return EvalReport(meta["model"], model_key, given, matches, len(data), len(meta["classes"]), rows)
+
+
+def _evaluate_passports(
+    model: nn.Module,
+    meta: RunMeta,
+    data: Data,
+    key: KeySet | None,
+    passports: Passports | None,
+    forged: int,
+    acc: Any,
+    progress: bool,
+) -> EvalReport:
+    from tqdm import tqdm
+
+    model_passport = meta.get("passport")
+    if model_passport is None:
+        raise PassportError(f"{meta['model']} is not a passport model; passports do not apply")
+    if key is not None:
+        raise PassportError("this model is protected by passports, not a key: give --passport, not --key")
+    rows = []
+    matches = None
+    if passports is not None:
+        matches = passports.fingerprint == model_passport["fingerprint"]
+        label = "correct passports" if matches else f"given passports {passports.fingerprint} (NOT the model's)"
+        passports.attach(model)
+        rows.append(_stats(label, [acc(None)]) | {"signature_match": signature_match(model)})
+    accs, sigs = [], []
+    for _ in tqdm(range(forged), desc="forged passports", leave=False, disable=not progress):
+        Passports.generate(model).attach(model)
+        accs.append(acc(None))
+        sigs.append(signature_match(model, passports) if passports is not None else float("nan"))
+    if forged:
+        row = _stats(f"{forged} forged passports", accs)
+        rows.append(row | ({"signature_match": statistics.fmean(sigs)} if passports is not None else {}))
+    if passports is not None:
+        passports.attach(model)  # leave the model as given
+    given = passports.fingerprint if passports is not None else None
+    return EvalReport(meta["model"], None, given, matches, len(data), len(meta["classes"]), rows)
 
 
 def evaluate_run(run_dir: str | os.PathLike[str], data: Data, key: KeySet | None, **kwargs: Any) -> EvalReport:

@@ -103,7 +103,8 @@ class FFX:
     """FFX format-preserving encryption of the values where ``mask[k] == 1``.
 
     ``E = pyffx.Integer(password, length=3)`` is a bijection on 0..999, so the step maps pixel values
-    (0..255) to codes 0..999, exactly as the authors' code does.
+    (0..255) to codes 0..999, exactly as the authors' code does. The paper draws the mask at
+    random; the recipe step ``ffx-all`` encrypts every position (no value is left in the clear).
     """
 
     mask: tuple[int, ...]
@@ -123,7 +124,8 @@ class FFX:
             raise KeyFileError("ffx: password is not valid Unicode text") from None
 
     def key_bits(self) -> float:
-        return float(len(self.mask)) + password_bits(self.password)
+        mask_bits = 0.0 if all(self.mask) else float(len(self.mask))  # ffx-all: the mask is public
+        return mask_bits + password_bits(self.password)
 
     def to_json(self) -> dict[str, Any]:
         return {"type": self.name, "mask": list(self.mask), "password": self.password}
@@ -131,6 +133,8 @@ class FFX:
 
 Step = Shuffle | NegPos | FFX
 STEP_NAMES = ("shuffle", "negpos", "ffx")
+#: Recipe tokens: the steps, and ``ffx-all`` (an FFX step on every position).
+RECIPE_TOKENS = (*STEP_NAMES, "ffx-all")
 
 
 def _check_mask(name: str, mask: Sequence[int], length: int) -> None:
@@ -233,13 +237,15 @@ def _random_step(name: str, rng: _Random, length: int) -> Step:
         return NegPos(_random_mask(rng, length))
     if name == "ffx":
         return FFX(_random_mask(rng, length), _random_password(rng))
+    if name == "ffx-all":
+        return FFX((1,) * length, _random_password(rng))
     raise KeyFileError(f"unknown transform {name!r}; expected one of {', '.join(STEP_NAMES)}")
 
 
 def parse_recipe(recipe: str | Iterable[str]) -> tuple[str, ...]:
-    """``"shuffle,negpos,ffx"`` (or ``+``-separated, or a list) -> validated tuple of step names.
+    """``"shuffle,negpos,ffx"`` (or ``+``-separated, or a list) -> validated tuple of recipe tokens.
 
-    ``np`` is accepted for ``negpos`` and ``shf`` for ``shuffle``.
+    ``np`` is accepted for ``negpos`` and ``shf`` for ``shuffle``; ``ffx-all`` is FFX on every position.
     """
     aliases = {"np": "negpos", "shf": "shuffle", "neg": "negpos"}
     parts = recipe.replace("+", ",").split(",") if isinstance(recipe, str) else list(recipe)
@@ -247,8 +253,8 @@ def parse_recipe(recipe: str | Iterable[str]) -> tuple[str, ...]:
     if not names:
         raise KeyFileError("a key set needs at least one transform (shuffle, negpos, ffx)")
     for n in names:
-        if n not in STEP_NAMES:
-            raise KeyFileError(f"unknown transform {n!r}; expected one of {', '.join(STEP_NAMES)}")
+        if n not in RECIPE_TOKENS:
+            raise KeyFileError(f"unknown transform {n!r}; expected one of {', '.join(RECIPE_TOKENS)}")
     return names
 
 
@@ -355,6 +361,12 @@ class KeySet:
     def recipe(self) -> tuple[str, ...]:
         """Step names in order, e.g. ``('shuffle', 'negpos', 'ffx')``: not secret."""
         return tuple(s.name for s in self.steps)
+
+    @property
+    def spec(self) -> tuple[str, ...]:
+        """The recipe tokens that draw keys like this one: :attr:`recipe` with ``ffx-all`` for an FFX
+        step on every position (what an attacker who knows the algorithm draws candidates from)."""
+        return tuple("ffx-all" if isinstance(s, FFX) and all(s.mask) else s.name for s in self.steps)
 
     @property
     def fingerprint(self) -> str:

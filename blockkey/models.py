@@ -6,6 +6,10 @@
   conv trunk on the grid of blocks. A within-block shuffle or negpos is a linear map of each block
   vector, which the embedding absorbs: with per-position normalisation, training on shuffled or
   flipped blocks is distributed exactly like training on plain images.
+- ``tablenet``: patchnet with a lookup-table stem: each (block position, value) pair has its own
+  learnt embedding row, summed over the block. Every key step (shuffle, negpos, FFX) is a
+  relabelling of those pairs, so training on keyed images, even with FFX on every position, is
+  distributed exactly like plain training. Train it with ``norm="none"`` (it reads raw [0, 1] values).
 - ``convmixer``: ConvMixer (Trockman & Kolter 2022) with patch = the key's block size.
 - ``vit``: a small "simple ViT" (Beyer et al. 2022: fixed 2-D sin-cos positions, mean pooling),
   patch = the key's block size, any image size divisible by the patch.
@@ -25,7 +29,7 @@ from torch import nn
 
 from .errors import BlockkeyError
 
-__all__ = ["block_aligned", "create_model", "list_models", "patch_embedding", "register_model"]
+__all__ = ["block_aligned", "create_model", "list_models", "model_accepts", "patch_embedding", "register_model"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -40,11 +44,16 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def block_aligned(name: str) -> bool:
-    """True for models with a ``patch`` argument: the trainer sets it to the key's block size."""
+def model_accepts(name: str, argument: str) -> bool:
+    """True when registered model ``name`` takes ``argument`` (e.g. ``patch``, ``passport``)."""
     import inspect
 
-    return name in _REGISTRY and "patch" in inspect.signature(_REGISTRY[name]).parameters
+    return name in _REGISTRY and argument in inspect.signature(_REGISTRY[name]).parameters
+
+
+def block_aligned(name: str) -> bool:
+    """True for models with a ``patch`` argument: the trainer sets it to the key's block size."""
+    return model_accepts(name, "patch")
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
@@ -70,12 +79,20 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) ->
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, passport_size: int = 0) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        if passport_size:  # conv -> BN -> passport scale/bias (blockkey.passport): bn1/bn2 are inside
+            from .passport import PassportConv
+
+            self.conv1: nn.Module = PassportConv(cin, cout, 3, stride, 1, passport_size)
+            self.bn1: nn.Module = nn.Identity()
+            self.conv2: nn.Module = PassportConv(cout, cout, 3, 1, 1, passport_size // stride)
+            self.bn2: nn.Module = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
@@ -87,15 +104,24 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCIFAR(nn.Module):
-    def __init__(self, blocks: tuple[int, ...], num_classes: int, in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        blocks: tuple[int, ...],
+        num_classes: int,
+        in_channels: int = 3,
+        width: int = 64,
+        passport_stages: tuple[int, ...] = (),
+        image_size: int = 32,
+    ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
-        layers, cin = [], 64
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        layers, cin, size = [], width, image_size
         for i, n in enumerate(blocks):
-            cout = 64 * 2**i
+            cout = width * 2**i
             for j in range(n):
-                layers.append(BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
-                cin = cout
+                stride = 2 if (j == 0 and i > 0) else 1
+                layers.append(BasicBlock(cin, cout, stride, size if i in passport_stages else 0))
+                cin, size = cout, size // stride
         self.layers = nn.Sequential(*layers)
         self.head = nn.Linear(cin, num_classes)
 
@@ -105,8 +131,14 @@ class ResNetCIFAR(nn.Module):
 
 
 @register_model
-def resnet18_cifar(num_classes: int, in_channels: int = 3) -> nn.Module:
-    return ResNetCIFAR((2, 2, 2, 2), num_classes, in_channels)
+def resnet18_cifar(
+    num_classes: int, in_channels: int = 3, width: float = 1.0, passport: bool = False, image_size: int = 32
+) -> nn.Module:
+    """``passport=True``: passport layers (:mod:`blockkey.passport`, Fan et al. 2019 scheme V1) in every
+    convolution of the last stage, as the passport paper's ResNet-18; passports sized for ``image_size``."""
+    return ResNetCIFAR(
+        (2, 2, 2, 2), num_classes, in_channels, max(8, round(64 * width)), (3,) if passport else (), image_size
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +218,61 @@ def patchnet(num_classes: int, in_channels: int = 3, patch: int = 4, width: floa
     """Block-aligned net: set ``patch`` to the key's block size (the trainer does)."""
     widths = tuple(max(8, round(w * width)) for w in (128, 256, 256))
     return PatchNet(num_classes, in_channels, patch, widths)
+
+
+class TableEmbed(nn.Module):
+    """Lookup-table patch embedding: each block position ``k`` maps each value to ``d`` learnt numbers
+    (``table[k, bin(x_k)]``), then one linear layer mixes the ``L*d`` numbers into ``dim`` channels.
+
+    Input: raw values in [0, 1] (no normalisation): ``v / 255`` for clear pixels, ``c / 999`` for FFX
+    codes. ``bin = round(x * 999)`` is injective on both (``round(999 v / 255)`` and ``c``), so a pixel
+    value and an FFX code each get their own row. Rows a position never sees keep their (decayed) init.
+    """
+
+    BINS = 1000
+
+    def __init__(self, in_channels: int, patch: int, dim: int, value_dim: int = 1) -> None:
+        super().__init__()
+        self.patch, self.length, self.value_dim = patch, patch * patch * in_channels, value_dim
+        self.table = nn.Embedding(self.length * self.BINS, value_dim)
+        nn.init.normal_(self.table.weight)
+        self.mix = nn.Linear(self.length * value_dim, dim, bias=False)
+        self.register_buffer("offsets", torch.arange(self.length) * self.BINS, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .functional import to_blocks
+
+        bins = (x.float() * (self.BINS - 1)).round_().long().clamp_(0, self.BINS - 1)
+        blocks = to_blocks(bins, self.patch)  # (B, H/M, W/M, L)
+        b, gh, gw, length = blocks.shape
+        values = self.table(blocks + self.offsets).reshape(b, gh, gw, length * self.value_dim)
+        return self.mix(values).permute(0, 3, 1, 2)
+
+
+class TableNet(PatchNet):
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        patch: int = 4,
+        widths: tuple[int, ...] = (128, 256, 256),
+        value_dim: int = 1,
+    ) -> None:
+        super().__init__(num_classes, in_channels, patch, widths)
+        self.embed[0] = TableEmbed(in_channels, patch, widths[0], value_dim)
+
+    @property
+    def patch_embed(self) -> nn.Module:  # not a convolution: rekey refuses it
+        return self.embed[0]
+
+
+@register_model
+def tablenet(
+    num_classes: int, in_channels: int = 3, patch: int = 4, width: float = 1.0, value_dim: int = 1
+) -> nn.Module:
+    """Patchnet with a lookup-table stem (train with ``norm="none"``); patch = the key's block size."""
+    widths = tuple(max(8, round(w * width)) for w in (128, 256, 256))
+    return TableNet(num_classes, in_channels, patch, widths, value_dim)
 
 
 # --------------------------------------------------------------------------------------------

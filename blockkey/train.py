@@ -41,6 +41,7 @@ from .data import BatchLoader, Data, DataError, Normalize, StreamLoader, make_lo
 from .errors import BlockkeyError, ShapeError
 from .keys import KeySet
 from .models import create_model
+from .passport import PassportError, Passports, passport_layers, sign_loss
 from .transforms import KeyedTransform
 
 __all__ = ["TrainConfig", "autocast", "fit", "pick_device"]
@@ -61,11 +62,12 @@ class TrainConfig:
     seed: int = 0
     amp: str = "auto"  # auto (bf16) | bf16 | fp16 | off
     channels_last: bool = True
-    norm: str = "channel"  # channel | position (per block position of the key)
+    norm: str = "channel"  # channel | position (per block position of the key) | none (raw values)
     crop_padding: int = 4
     flip: bool = True
     init_from: str | None = None  # a run directory whose weights start training (fine-tuning)
     train_layers: str = "all"  # all | first (the first layer with weights) | last (the last one: the head)
+    sign_loss: float = 1.0  # weight of the passport sign loss (passport models only)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -144,6 +146,7 @@ def key_info(key: KeySet | None) -> dict[str, Any] | None:
     return {
         "fingerprint": key.fingerprint,
         "recipe": list(key.recipe),
+        "spec": list(key.spec),
         "block_size": key.block_size,
         "channels": key.channels,
     }
@@ -228,16 +231,19 @@ def fit(
     log: Callable[[str], None] | None = None,
     progress: bool = True,
     data_info: dict[str, Any] | None = None,
+    passports: Passports | None = None,
 ) -> RunMeta:
     """Train ``cfg.model`` on ``train`` (keyed with ``key``, or plain for ``key=None``) into ``run_dir``.
 
-    ``data_info`` (the data's source and split) is stored in the metadata as given. Returns the run's
-    metadata (also written to ``run_dir/meta.json``).
+    ``data_info`` (the data's source and split) is stored in the metadata as given. ``passports``
+    protect a passport model (``model_kwargs={"passport": True}``) instead of a key; the sign loss
+    (weight ``cfg.sign_loss``) embeds their signature. Returns the run's metadata (also written to
+    ``run_dir/meta.json``).
     """
     device = pick_device(str(device) if device is not None else None)
     dist, device, owns_group = _init_distributed(device)
     try:
-        return _fit(train, val, key, cfg, Path(run_dir), resume, device, dist, log, progress, data_info)
+        return _fit(train, val, key, cfg, Path(run_dir), resume, device, dist, log, progress, data_info, passports)
     finally:
         if owns_group:
             import torch.distributed as tdist
@@ -257,6 +263,7 @@ def _fit(
     log: Callable[[str], None] | None,
     progress: bool,
     data_info: dict[str, Any] | None,
+    passports: Passports | None,
 ) -> RunMeta:
     from tqdm import tqdm
 
@@ -281,7 +288,7 @@ def _fit(
     transform = KeyedTransform(key) if key is not None else None
     # A twin without a key uses the model's patch as its blocks (so both share everything), else channels.
     twin_blocks = cfg.model_kwargs.get("patch")
-    mode = cfg.norm if (key is not None or twin_blocks) else "channel"
+    mode = cfg.norm if (key is not None or twin_blocks or cfg.norm == "none") else "channel"
     normalize = Normalize.fit(train, transform, mode, block_size=twin_blocks)
     amp = "bf16" if cfg.amp == "auto" else cfg.amp
 
@@ -290,6 +297,13 @@ def _fit(
         model = create_model(cfg.model, len(train.classes), train.image_shape[0], **cfg.model_kwargs)
     if cfg.init_from is not None:
         _init_from(model, cfg, train.classes)
+    has_passport_layers = bool(passport_layers(model))
+    if passports is not None:
+        if key is not None:
+            raise BlockkeyError("protect a model with a key or with passports, not both")
+        passports.attach(model)
+    elif has_passport_layers:
+        raise PassportError(f"{cfg.model} {cfg.model_kwargs} has passport layers: give it passports")
     freeze_except(model, cfg.train_layers)
     model = model.to(device)
     if cfg.channels_last:
@@ -331,6 +345,8 @@ def _fit(
             raise CheckpointError(f"{run}: --resume with a different training configuration")
         if state_meta["key"] != key_info(key):
             raise CheckpointError(f"{run}: --resume with a different key (or --no-key mismatch)")
+        if state_meta.get("passport") != (passports.info() if passports else None):
+            raise CheckpointError(f"{run}: --resume with different passports")
         model.load_state_dict(load_weights(state_dir / "model.safetensors"))
         _load_optimizer(opt, {k: v.to(device) for k, v in load_weights(state_dir / "optimizer.safetensors").items()})
         start_epoch, history = state_meta["epoch"], state_meta["history"]
@@ -342,6 +358,9 @@ def _fit(
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # fp16 needs loss scaling; bf16 does not
     protected = f"key {key.fingerprint} ({'+'.join(key.recipe)}, M={key.block_size})" if key else "no key"
+    if passports is not None:
+        protected = f"passports {passports.fingerprint}, {len(passport_layers(model))} layers"
+    with_sign_loss = passports is not None and cfg.sign_loss > 0
     say(
         f"training {cfg.model} on {len(train)} images ({protected}), {cfg.epochs} epochs x {steps_per_epoch} steps, "
         f"device {device}, amp {amp}, world size {dist.world_size}"
@@ -355,6 +374,7 @@ def _fit(
         "classes": list(train.classes),
         "image_shape": list(train.image_shape),
         "key": key_info(key),
+        "passport": passports.info() if passports else None,
         "normalize": normalize.to_json() if normalize is not None else None,
         "config": asdict(cfg),
         "data": data_info or {},
@@ -378,6 +398,8 @@ def _fit(
             with autocast(device, amp):
                 out = net(x)
                 loss = criterion(out.float(), y)
+                if with_sign_loss:
+                    loss = loss + sign_loss(model, cfg.sign_loss)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -402,7 +424,7 @@ def _fit(
             + f"  {row['seconds']:.0f}s"
         )
         if dist.main and epoch + 1 < cfg.epochs:
-            _save_state(run, model, opt, epoch + 1, history, cfg, key)
+            _save_state(run, model, opt, epoch + 1, history, cfg, key, passports)
 
     meta = {**meta_base, "epochs_done": cfg.epochs, "history": history, "metrics": history[-1] if history else {}}
     if dist.main:
@@ -416,7 +438,14 @@ def _fit(
 
 
 def _save_state(
-    run: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, history: list, cfg: TrainConfig, key
+    run: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    epoch: int,
+    history: list,
+    cfg: TrainConfig,
+    key: KeySet | None,
+    passports: Passports | None,
 ) -> None:
     """A complete resumable state in ``state-NNNN/``, then the LATEST pointer, then old states go."""
     name = f"state-{epoch:04d}"
@@ -425,7 +454,14 @@ def _save_state(
     save_tensors_atomic(d / "model.safetensors", model.state_dict())
     save_tensors_atomic(d / "optimizer.safetensors", _optimizer_tensors(opt))
     write_json_atomic(
-        d / "state.json", {"epoch": epoch, "history": history, "config": asdict(cfg), "key": key_info(key)}
+        d / "state.json",
+        {
+            "epoch": epoch,
+            "history": history,
+            "config": asdict(cfg),
+            "key": key_info(key),
+            "passport": passports.info() if passports else None,
+        },
     )
     tmp = run / f".LATEST.tmp{os.getpid()}"
     tmp.write_text(name)

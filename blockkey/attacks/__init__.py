@@ -142,7 +142,7 @@ def make_report(target: Target, attack: str, rows: list[dict[str, Any]], started
         attack,
         target.meta["model"],
         key.fingerprint,
-        list(key.recipe),
+        list(key.spec),
         accuracy(target, KeyedTransform(key)),
         accuracy(target, None),
         1 / len(target.meta["classes"]),

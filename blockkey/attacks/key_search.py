@@ -60,7 +60,7 @@ def _random_search(target: Target, score: _Scorer, n: int, seed: int, progress: 
     k = target.key
     best, best_score, scores = None, -1.0, []
     for i in tqdm(range(n), desc="random keys", disable=not progress, leave=False):
-        cand = KeySet.from_seed(f"attack/{seed}/{i}", k.recipe, k.block_size, k.channels)
+        cand = KeySet.from_seed(f"attack/{seed}/{i}", k.spec, k.block_size, k.channels)
         s = score(cand)
         scores.append(s)
         if s > best_score:

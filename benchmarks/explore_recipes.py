@@ -1,0 +1,195 @@
+"""Which recipe holds best, and what it costs: train candidate recipes at one budget, attack each.
+
+Each candidate (recipe x architecture, M=4) is trained on the 45k CIFAR-10 training split for
+--epochs (the same budget for all, the non-protected model included) and evaluated on the 5k
+held-out images; then attacked with the threat model's 1 % of labelled plain data (450 images):
+random keys, fine-tuning (all / first / last layer, beside scratch with the same data and epochs)
+and the adapter; and, beyond that threat model, known-plaintext (1 pair) and ciphertext-only (100
+transformed images). Results accumulate in OUT/results.json (finished steps are skipped, so the
+benchmark resumes); --table prints the trade-off table and writes OUT/tradeoff.png.
+
+    python benchmarks/explore_recipes.py                 # everything not yet done (~1 h on 2 vCPUs)
+    python benchmarks/explore_recipes.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from reproduce_cifar10 import train_recipe
+
+from blockkey import KeySet
+from blockkey.attacks import Target
+from blockkey.attacks.adapter import adapter_attack
+from blockkey.attacks.ciphertext_only import ciphertext_only_attack
+from blockkey.attacks.finetune import finetune_attack
+from blockkey.attacks.key_search import random_keys_attack
+from blockkey.attacks.known_plaintext import known_plaintext_attack
+from blockkey.checkpoint import load_model
+from blockkey.data import load_dataset, stratified_split
+
+# name: (recipe, model, normalisation)
+CANDIDATES = {
+    "none": (None, "patchnet", "position"),
+    "shuffle-negpos-ffx": ("shuffle,negpos,ffx", "patchnet", "position"),
+    "shuffle-negpos-ffxall": ("shuffle,negpos,ffx-all", "patchnet", "position"),
+    "shuffle-negpos-ffxall-tablenet": ("shuffle,negpos,ffx-all", "tablenet", "none"),
+}
+FRACTION = 0.01
+ATTACKS = ["random-keys", "fine-tune", "adapter", "known-plaintext", "ciphertext-only"]
+WITHIN_THREAT_MODEL = ("random-keys", "fine-tune", "adapter")
+
+
+def attack(name: str, target: Target, run: Path, train, out: Path):
+    if name == "random-keys":
+        return random_keys_attack(target, train, keys=100, batch=256, progress=False)
+    if name == "fine-tune":
+        return finetune_attack(target, run, train, [FRACTION], out / "finetune" / run.name, epochs=15, progress=False)
+    if name == "adapter":
+        return adapter_attack(target, train, [FRACTION], epochs=30, progress=False)
+    if name == "known-plaintext":
+        return known_plaintext_attack(target, [1], data=train)
+    if name == "ciphertext-only":
+        return ciphertext_only_attack(target, train, [100])
+    raise ValueError(name)
+
+
+def summary(results: dict) -> list[dict]:
+    """One row per candidate: key-holder accuracy, its cost, and the best attack in / beyond the threat model."""
+    base = results.get("none", {}).get("train", {}).get("eval", {}).get("rows", [{}])[0].get("accuracy")
+    rows = []
+    for name, r in results.items():
+        if "train" not in r:
+            continue
+        holder = r["train"]["eval"]["rows"][0]["accuracy"]
+        row = {
+            "name": name,
+            "model": r["train"]["model"],
+            "holder": holder,
+            "cost": None if base is None else base - holder,
+        }
+        attacks = r.get("attacks", {})
+        ft = attacks.get("fine-tune", {}).get("rows", [])
+        row["scratch"] = next((x["attacker_accuracy"] for x in ft if x["variant"] == "scratch"), None)
+        for group, names in (("threat", WITHIN_THREAT_MODEL), ("beyond", ("known-plaintext", "ciphertext-only"))):
+            best = None
+            for a in names:
+                for x in attacks.get(a, {}).get("rows", []):
+                    if a == "fine-tune" and x["variant"] == "scratch":
+                        continue
+                    if best is None or x["attacker_accuracy"] > best[1]:
+                        best = (f"{a}: {x['setting']}", x["attacker_accuracy"])
+                for reason in [attacks.get(a, {}).get("skipped")] if a in attacks else []:
+                    if reason:
+                        row.setdefault("skipped", []).append(f"{a}: {reason}")
+            row[group] = best
+        rows.append(row)
+    return rows
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| candidate | model | key holder | cost vs none | best attack with 1 % labelled data | scratch, same data "
+        "| best attack beyond the threat model |",
+        "|---|---|---:|---:|---|---:|---|",
+    ]
+
+    def cell(best):
+        return "-" if best is None else f"{best[1]:.1%} ({best[0]})"
+
+    for r in summary(results):
+        cost = "-" if r["cost"] is None or r["name"] == "none" else f"{100 * r['cost']:+.1f} pts"
+        scratch = "-" if r["scratch"] is None else f"{r['scratch']:.1%}"
+        lines.append(
+            f"| {r['name']} | {r['model']} | {r['holder']:.1%} | {cost} | {cell(r['threat'])} | {scratch} "
+            f"| {cell(r['beyond'])} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for r in summary(results):
+        if r["name"] == "none" or r["threat"] is None or r["cost"] is None:
+            continue
+        ax.scatter(100 * r["cost"], 100 * r["threat"][1], color="#c44")
+        ax.annotate(
+            r["name"], (100 * r["cost"], 100 * r["threat"][1]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+        )
+        if r["scratch"] is not None:
+            ax.scatter(100 * r["cost"], 100 * r["scratch"], color="#888", marker="x")
+    ax.axhline(20, ls="--", lw=1, color="k")
+    ax.text(0, 21, "goal: chance + 10 points", fontsize=7)
+    ax.axvline(2, ls=":", lw=1, color="k")
+    ax.set_xlabel("key-holder accuracy lost vs non-protected (points)")
+    ax.set_ylabel("best attack with 1% labelled plain data (%)")
+    ax.set_title("CIFAR-10, M=4: protection vs cost (x: scratch, same data)", fontsize=9)
+    ax.set_ylim(0, 100)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default="../shared/datasets/cifar10/train")
+    ap.add_argument("--out", default="runs/explore")
+    ap.add_argument("--only", nargs="*", choices=list(CANDIDATES))
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=0.2)
+    ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--table", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if not args.table:
+        data = load_dataset(args.data)
+        train, val = stratified_split(data, args.val_fraction, args.seed)
+        for name in args.only or list(CANDIDATES):
+            recipe, model_name, norm = CANDIDATES[name]
+            entry = results.setdefault(name, {})
+            if "train" not in entry:
+                entry["train"] = train_recipe(
+                    out, name, recipe, model_name, args.epochs, train, val, args, wrong_keys=20, norm=norm
+                )
+                path.write_text(json.dumps(results, indent=1))
+            if recipe is None:
+                continue
+            for a in ATTACKS:
+                if a in entry.setdefault("attacks", {}):
+                    continue
+                model, meta = load_model(out / name)
+                target = Target(model, meta, KeySet.load(out / f"{name}.key.json"), val)
+                t0 = time.perf_counter()
+                print(f"{name}: {a} ...", flush=True)
+                if a == "adapter" and model_name == "tablenet":
+                    rep = {
+                        "skipped": "no gradient through the table lookup (first-layer fine-tuning is its analogue)"
+                    }
+                else:
+                    try:
+                        rep = attack(a, target, out / name, train, out).to_json()
+                    except Exception as e:  # an attack that cannot run on a recipe is a result, not a crash
+                        rep = {"skipped": f"{type(e).__name__}: {e}"}
+                rep["seconds"] = round(time.perf_counter() - t0, 1)
+                entry["attacks"][a] = rep
+                path.write_text(json.dumps(results, indent=1))
+    print(table(results))
+    plot(results, out / "tradeoff.png")
+    print(f"plot: {out / 'tradeoff.png'}")
+
+
+if __name__ == "__main__":
+    main()
