@@ -175,9 +175,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 print(f"{name}: {a} ...", flush=True)
                 if a == "adapter" and model_name == "tablenet":
-                    rep = {
-                        "skipped": "no gradient through the table lookup (first-layer fine-tuning is its analogue)"
-                    }
+                    rep = {"skipped": "no gradient through the table lookup (first-layer fine-tuning is its analogue)"}
                 else:
                     try:
                         rep = attack(a, target, out / name, train, out).to_json()

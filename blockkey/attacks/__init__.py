@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data import Data, Normalize, make_loader
 from ..keys import KeySet
+from ..passport import Passports
 from ..train import predict_accuracy
 from ..transforms import KeyedTransform
 
@@ -32,12 +33,13 @@ class Target:
     """What an attack works against: the stolen model and its metadata, plus the evaluation images.
 
     ``key`` is the true key: attacks never use it to attack, only to report the key holder's accuracy
-    and how much of the key was recovered.
+    and how much of the key was recovered. For a passport model it is the true :class:`Passports`
+    (only the fine-tuning attack applies: it forges its own passports).
     """
 
     model: nn.Module
     meta: dict[str, Any]
-    key: KeySet
+    key: KeySet | Passports
     val: Data
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -138,13 +140,20 @@ def make_report(target: Target, attack: str, rows: list[dict[str, Any]], started
     import time
 
     key = target.key
+    if isinstance(key, Passports):  # holder: the true passports; "plain": forged (seeded) passports
+        Passports.generate(target.model, seed=0).attach(target.model)
+        forged = accuracy(target, None)
+        key.attach(target.model)
+        recipe, holder, plain = ["passport"], accuracy(target, None), forged
+    else:
+        recipe, holder, plain = list(key.spec), accuracy(target, KeyedTransform(key)), accuracy(target, None)
     return AttackReport(
         attack,
         target.meta["model"],
         key.fingerprint,
-        list(key.spec),
-        accuracy(target, KeyedTransform(key)),
-        accuracy(target, None),
+        recipe,
+        holder,
+        plain,
         1 / len(target.meta["classes"]),
         rows,
         time.perf_counter() - started,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..data import Data, stratified_subset
 from ..evaluate import evaluate_run
+from ..passport import Passports
 from ..train import TrainConfig, fit
 from . import AttackReport, Target, make_report
 
@@ -35,7 +36,11 @@ def finetune_attack(
     seed: int = 0,
     progress: bool = True,
 ) -> AttackReport:
-    """Fine-tune ``stolen_run`` on stratified ``fractions`` of ``train`` (plain images) into ``out_dir``."""
+    """Fine-tune ``stolen_run`` on stratified ``fractions`` of ``train`` (plain images) into ``out_dir``.
+
+    A passport model is fine-tuned (and its scratch twin trained) with passports the attacker draws
+    (forged: seeded, not the owner's), and without the sign loss (the attacker wants accuracy only).
+    """
     t_start = time.perf_counter()
     meta = target.meta
     out = Path(out_dir)
@@ -49,6 +54,10 @@ def finetune_attack(
         "label_smoothing": meta.get("config", {}).get("label_smoothing", 0.0),
         "seed": seed,
     }
+    forged = None
+    if meta.get("passport"):
+        forged = Passports.generate(target.model, seed=seed + 1)
+        base["sign_loss"] = 0.0
     quiet = (lambda s: None) if not progress else None
     for frac in fractions:
         n = max(len(train.classes), round(frac * len(train)))
@@ -65,8 +74,9 @@ def finetune_attack(
         for variant, cfg in runs:
             run = out / f"{variant.replace(' ', '-')}-{frac:g}"
             t0 = time.perf_counter()
-            fit(subset, None, None, cfg, run, progress=progress, log=quiet)
-            acc = evaluate_run(run, target.val, None, wrong_keys=0, progress=False).rows[0]["accuracy"]
+            fit(subset, None, None, cfg, run, progress=progress, log=quiet, passports=forged)
+            rep = evaluate_run(run, target.val, None, wrong_keys=0, progress=False, passports=forged)
+            acc = rep.rows[0]["accuracy"]
             rows.append(
                 {
                     "setting": f"{variant}, {frac:.0%} ({n} images)",
