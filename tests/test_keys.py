@@ -142,8 +142,10 @@ class TestReport:
         assert bits["negpos"] == 48
         assert bits["ffx"] == pytest.approx(48 + 25 * math.log2(36))  # 25 random base-36 characters
         assert key.key_space_total() == pytest.approx(sum(bits.values()))
-        hand = KeySet(4, 3, (FFX((1,) * 48, "password"),))
-        assert dict(hand.key_space_bits())["ffx"] == pytest.approx(48 + 8 * math.log2(26))
+        hand = KeySet(4, 3, (FFX((1,) * 48, "password"),))  # every position: the mask is public (ffx-all)
+        assert dict(hand.key_space_bits())["ffx"] == pytest.approx(8 * math.log2(26))
+        half = KeySet(4, 3, (FFX((1, 0) * 24, "password"),))
+        assert dict(half.key_space_bits())["ffx"] == pytest.approx(48 + 8 * math.log2(26))
 
     def test_repr_hides_material(self):
         key = KeySet.generate("ffx", 2)
@@ -174,7 +176,7 @@ class TestReviewRegressions:
     def test_key_space_ignores_unverified_meta(self):
         doc = KeySet(4, 3, (FFX((1,) * 48, "a"),)).to_json()
         doc["meta"] = {"source": "os-entropy"}
-        assert dict(KeySet.from_json(doc).key_space_bits())["ffx"] == pytest.approx(48 + math.log2(26))
+        assert dict(KeySet.from_json(doc).key_space_bits())["ffx"] == pytest.approx(math.log2(26))
 
     def test_bad_unicode_and_deep_json(self, tmp_path):
         with pytest.raises(KeyFileError, match="not valid Unicode"):

@@ -173,6 +173,7 @@ class TestFit:
         assert saved["key"] == {
             "fingerprint": key.fingerprint,
             "recipe": ["shuffle", "negpos", "ffx"],
+            "spec": ["shuffle", "negpos", "ffx"],
             "block_size": 4,
             "channels": 3,
         }
