@@ -82,9 +82,8 @@ def summary(results: dict) -> list[dict]:
                         continue
                     if best is None or x["attacker_accuracy"] > best[1]:
                         best = (f"{a}: {x['setting']}", x["attacker_accuracy"])
-                for reason in [attacks.get(a, {}).get("skipped")] if a in attacks else []:
-                    if reason:
-                        row.setdefault("skipped", []).append(f"{a}: {reason}")
+                if attacks.get(a, {}).get("skipped"):
+                    row.setdefault("skipped", []).append(f"{a}: {attacks[a]['skipped']}")
             row[group] = best
         rows.append(row)
     return rows
