@@ -29,18 +29,20 @@ from blockkey.attacks.finetune import finetune_attack
 from blockkey.attacks.key_search import random_keys_attack
 from blockkey.attacks.known_plaintext import known_plaintext_attack
 from blockkey.checkpoint import load_model
-from blockkey.data import load_dataset, stratified_split
+from blockkey.data import load_dataset, stratified_split, stratified_subset
 
-# name: (recipe, model, normalisation)
+# name: (recipe, model, normalisation[, model kwargs])
 CANDIDATES = {
     "none": (None, "patchnet", "position"),
     "shuffle-negpos-ffx": ("shuffle,negpos,ffx", "patchnet", "position"),
     "shuffle-negpos-ffxall": ("shuffle,negpos,ffx-all", "patchnet", "position"),
     "shuffle-negpos-ffxall-tablenet": ("shuffle,negpos,ffx-all", "tablenet", "none"),
+    "inner": ("inner", "patchnet", "position", {"inner": True}),
+    "shuffle-negpos-ffx-inner": ("shuffle,negpos,ffx,inner", "patchnet", "position", {"inner": True}),
 }
 FRACTION = 0.01
-ATTACKS = ["random-keys", "fine-tune", "adapter", "known-plaintext", "ciphertext-only"]
-WITHIN_THREAT_MODEL = ("random-keys", "fine-tune", "adapter")
+ATTACKS = ["random-keys", "fine-tune", "adapter", "inner-align", "known-plaintext", "ciphertext-only"]
+WITHIN_THREAT_MODEL = ("random-keys", "fine-tune", "adapter", "inner-align")
 
 
 def attack(name: str, target: Target, run: Path, train, out: Path):
@@ -50,6 +52,10 @@ def attack(name: str, target: Target, run: Path, train, out: Path):
         return finetune_attack(target, run, train, [FRACTION], out / "finetune" / run.name, epochs=15, progress=False)
     if name == "adapter":
         return adapter_attack(target, train, [FRACTION], epochs=30, progress=False)
+    if name == "inner-align":  # the input key given: it isolates the inner key
+        from blockkey.attacks.inner_align import inner_align_attack
+
+        return inner_align_attack(target, train, [round(FRACTION * len(train))], seconds_per_point=120)
     if name == "known-plaintext":
         return known_plaintext_attack(target, [1], data=train)
     if name == "ciphertext-only":
@@ -147,6 +153,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-images", type=int, help="a stratified subset of the training split (default: all)")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
@@ -156,12 +163,24 @@ def main() -> None:
     if not args.table:
         data = load_dataset(args.data)
         train, val = stratified_split(data, args.val_fraction, args.seed)
+        if args.train_images:
+            train = stratified_subset(train, args.train_images, args.seed)
         for name in args.only or list(CANDIDATES):
-            recipe, model_name, norm = CANDIDATES[name]
+            recipe, model_name, norm, *extra = CANDIDATES[name]
             entry = results.setdefault(name, {})
             if "train" not in entry:
                 entry["train"] = train_recipe(
-                    out, name, recipe, model_name, args.epochs, train, val, args, wrong_keys=20, norm=norm
+                    out,
+                    name,
+                    recipe,
+                    model_name,
+                    args.epochs,
+                    train,
+                    val,
+                    args,
+                    wrong_keys=20,
+                    norm=norm,
+                    model_kwargs=extra[0] if extra else None,
                 )
                 path.write_text(json.dumps(results, indent=1))
             if recipe is None:

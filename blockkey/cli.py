@@ -36,7 +36,7 @@ def _key_report(key: KeySet, path: str | None = None) -> dict[str, Any]:
     bits = key.key_space_bits()
     return {
         "path": path,
-        "recipe": list(key.recipe),
+        "recipe": key.label.split("+"),
         "block_size": key.block_size,
         "channels": key.channels,
         "block_len": key.block_len,
@@ -283,7 +283,7 @@ def _run_split(data: Any, meta: dict[str, Any]) -> tuple[Any, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import stratified_split, stratified_subset
-    from .models import block_aligned
+    from .models import block_aligned, model_accepts
     from .train import TrainConfig, fit
 
     key = KeySet.load(args.key) if args.key else None
@@ -296,6 +296,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_kwargs: dict[str, Any] = {}
     if block_aligned(args.model):  # patch embedding aligned with the key's blocks (the twin: --patch)
         model_kwargs["patch"] = key.block_size if key is not None else args.patch
+    if key is not None and key.inner is not None and model_accepts(args.model, "inner"):
+        model_kwargs["inner"] = True  # keyed points for the key's inner part (blockkey.inner)
     passports = None
     if args.protection == "passport":
         passports, model_kwargs = _passports_for(args, train, model_kwargs)

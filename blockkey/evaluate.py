@@ -12,6 +12,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, RunMeta, load_model
 from .data import Data, DataError, ImageFolderStream, ImageTensors, Normalize, make_loader
+from .inner import use_inner_key
 from .keys import KeySet
 from .passport import PassportError, Passports, signature_match
 from .train import pick_device, predict_accuracy
@@ -142,6 +143,7 @@ def evaluate_model(
     cl = cfg.get("channels_last", True)
 
     def acc(transform: KeyedTransform | None) -> float:
+        use_inner_key(model, transform.inner if transform is not None else None)
         loader = make_loader(data, batch_size, train=False, transform=transform, normalize=normalize, device=dev)
         return predict_accuracy(model, loader, dev, amp, cl)
 

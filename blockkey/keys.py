@@ -27,10 +27,13 @@ from .errors import KeyFileError
 
 __all__ = [
     "FFX",
+    "INNER_SECRET_BYTES",
     "KEY_FORMAT",
     "KEY_FORMAT_VERSION",
+    "KEY_FORMAT_VERSION_INNER",
     "SCRYPT_PARAMS",
     "STEP_NAMES",
+    "InnerKey",
     "KeyFileError",
     "KeySet",
     "NegPos",
@@ -41,6 +44,10 @@ __all__ = [
 
 KEY_FORMAT = "blockkey.keyset"
 KEY_FORMAT_VERSION = 1
+#: Files of keys with an inner (feature-map) key are version 2; keys without one are still written as version 1.
+KEY_FORMAT_VERSION_INNER = 2
+#: The inner key is a 256-bit secret; every keyed point's channel permutation and signs derive from it.
+INNER_SECRET_BYTES = 32
 LAYOUT = "row,col,channel"
 #: scrypt cost parameters for :meth:`KeySet.derive` (about 32 MiB and 0.1 s per derivation).
 SCRYPT_PARAMS = {"n": 2**15, "r": 8, "p": 1}
@@ -133,8 +140,56 @@ class FFX:
 
 Step = Shuffle | NegPos | FFX
 STEP_NAMES = ("shuffle", "negpos", "ffx")
-#: Recipe tokens: the steps, and ``ffx-all`` (an FFX step on every position).
-RECIPE_TOKENS = (*STEP_NAMES, "ffx-all")
+#: Recipe tokens: the steps, ``ffx-all`` (an FFX step on every position) and ``inner`` (not a block step:
+#: it keys the feature maps inside a model, :mod:`blockkey.inner`).
+RECIPE_TOKENS = (*STEP_NAMES, "ffx-all", "inner")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class InnerKey:
+    """A secret for the keyed points inside a network (:mod:`blockkey.inner`).
+
+    Each keyed point with ``n`` channels gets a permutation of its channels and ``n`` sign bits, drawn
+    from a SHAKE-256 stream of the secret and the point's name and size (:meth:`point`), so one key
+    file serves any model; the material in the file is the secret alone.
+    """
+
+    secret: bytes
+    name = "inner"
+
+    def __repr__(self) -> str:
+        return "InnerKey(...)"
+
+    def validate(self) -> None:
+        if not isinstance(self.secret, bytes) or len(self.secret) != INNER_SECRET_BYTES:
+            raise KeyFileError(f"inner: the secret must be {INNER_SECRET_BYTES} bytes")
+
+    def key_bits(self) -> float:
+        return 8.0 * INNER_SECRET_BYTES
+
+    def point(self, name: str, channels: int, signs: bool = True) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The permutation and sign bits (1 = flip) of keyed point ``name`` with ``channels`` channels."""
+        label = json.dumps(["inner-point", name, channels]).encode()
+        rng = _KDFStream(hashlib.sha256(self.secret + b"|" + label).digest())
+        perm = _random_perm(rng, channels)
+        bits = int.from_bytes(rng.token((channels + 7) // 8), "big")
+        flips = tuple((bits >> i) & 1 for i in range(channels)) if signs else (0,) * channels
+        return perm, flips
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "inner", "secret": self.secret.hex()}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> InnerKey:
+        if not isinstance(doc, dict) or doc.get("type") != "inner" or not isinstance(doc.get("secret"), str):
+            raise KeyFileError("inner: expected an object with 'type': 'inner' and a hex 'secret'")
+        try:
+            secret = bytes.fromhex(doc["secret"])
+        except ValueError:
+            raise KeyFileError("inner: 'secret' is not hex") from None
+        key = cls(secret)
+        key.validate()
+        return key
 
 
 def _check_mask(name: str, mask: Sequence[int], length: int) -> None:
@@ -242,6 +297,12 @@ def _random_step(name: str, rng: _Random, length: int) -> Step:
     raise KeyFileError(f"unknown transform {name!r}; expected one of {', '.join(STEP_NAMES)}")
 
 
+def _draw(names: tuple[str, ...], rng: _Random, length: int) -> tuple[tuple[Step, ...], InnerKey | None]:
+    """The block steps of ``names`` in order, and the inner key if ``inner`` is among them."""
+    steps = tuple(_random_step(n, rng, length) for n in names if n != "inner")
+    return steps, (InnerKey(rng.token(INNER_SECRET_BYTES)) if "inner" in names else None)
+
+
 def parse_recipe(recipe: str | Iterable[str]) -> tuple[str, ...]:
     """``"shuffle,negpos,ffx"`` (or ``+``-separated, or a list) -> validated tuple of recipe tokens.
 
@@ -252,6 +313,8 @@ def parse_recipe(recipe: str | Iterable[str]) -> tuple[str, ...]:
     names = tuple(aliases.get(p.strip().lower(), p.strip().lower()) for p in parts if p.strip())
     if not names:
         raise KeyFileError("a key set needs at least one transform (shuffle, negpos, ffx)")
+    if names.count("inner") > 1:
+        raise KeyFileError("'inner' may appear once in a recipe")
     for n in names:
         if n not in RECIPE_TOKENS:
             raise KeyFileError(f"unknown transform {n!r}; expected one of {', '.join(RECIPE_TOKENS)}")
@@ -282,14 +345,20 @@ class KeySet:
     steps: tuple[Step, ...]
     #: Non-secret provenance (e.g. the KDF salt and parameters); not part of the fingerprint.
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    #: The key of the feature maps inside the network (recipe token ``inner``), or None.
+    inner: InnerKey | None = None
 
     def __post_init__(self) -> None:
         for name, v in (("block_size", self.block_size), ("channels", self.channels)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise KeyFileError(f"{name} must be a positive integer; got {v!r}")
-        if not self.steps:
+        if not self.steps and self.inner is None:
             raise KeyFileError("a key set needs at least one step")
         object.__setattr__(self, "steps", tuple(self.steps))
+        if self.inner is not None:
+            if not isinstance(self.inner, InnerKey):
+                raise KeyFileError(f"unknown inner key {self.inner!r}")
+            self.inner.validate()
         for step in self.steps:
             if not isinstance(step, (Shuffle, NegPos, FFX)):
                 raise KeyFileError(f"unknown step {step!r}")
@@ -301,10 +370,8 @@ class KeySet:
     def generate(cls, recipe: str | Iterable[str], block_size: int, channels: int = 3) -> KeySet:
         """A fresh key set from OS entropy (``secrets``): uniform permutations, masks, 128-bit passwords."""
         names = parse_recipe(recipe)
-        length = _block_len(block_size, channels)
-        rng = _OSRandom()
-        steps = tuple(_random_step(n, rng, length) for n in names)
-        return cls(block_size, channels, steps, meta={"source": "os-entropy"})
+        steps, inner = _draw(names, _OSRandom(), _block_len(block_size, channels))
+        return cls(block_size, channels, steps, meta={"source": "os-entropy"}, inner=inner)
 
     @classmethod
     def from_seed(cls, seed: int | bytes, recipe: str | Iterable[str], block_size: int, channels: int = 3) -> KeySet:
@@ -313,11 +380,10 @@ class KeySet:
         For attacks (reproducible random candidate keys) and experiments, never for protecting a model.
         """
         names = parse_recipe(recipe)
-        length = _block_len(block_size, channels)
         raw = seed if isinstance(seed, bytes) else str(seed).encode()
         rng = _KDFStream(hashlib.sha256(b"blockkey/from_seed|" + raw).digest())
-        steps = tuple(_random_step(n, rng, length) for n in names)
-        return cls(block_size, channels, steps, meta={"source": "public seed (not secret)"})
+        steps, inner = _draw(names, rng, _block_len(block_size, channels))
+        return cls(block_size, channels, steps, meta={"source": "public seed (not secret)"}, inner=inner)
 
     @classmethod
     def derive(
@@ -345,10 +411,9 @@ class KeySet:
         salt = secrets.token_bytes(16) if salt is None else salt
         context = json.dumps([list(names), block_size, channels]).encode()
         seed = hashlib.scrypt(secret, salt=salt + b"|" + context, dklen=32, maxmem=2**26, **SCRYPT_PARAMS)
-        rng = _KDFStream(seed)
-        steps = tuple(_random_step(n, rng, length) for n in names)
+        steps, inner = _draw(names, _KDFStream(seed), length)
         meta = {"source": "scrypt", "kdf": {"name": "scrypt", "salt": salt.hex(), **SCRYPT_PARAMS}}
-        return cls(block_size, channels, steps, meta=meta)
+        return cls(block_size, channels, steps, meta=meta, inner=inner)
 
     # -- properties --------------------------------------------------------------------------
 
@@ -366,7 +431,13 @@ class KeySet:
     def spec(self) -> tuple[str, ...]:
         """The recipe tokens that draw keys like this one: :attr:`recipe` with ``ffx-all`` for an FFX
         step on every position (what an attacker who knows the algorithm draws candidates from)."""
-        return tuple("ffx-all" if isinstance(s, FFX) and all(s.mask) else s.name for s in self.steps)
+        tokens = tuple("ffx-all" if isinstance(s, FFX) and all(s.mask) else s.name for s in self.steps)
+        return (*tokens, "inner") if self.inner is not None else tokens
+
+    @property
+    def label(self) -> str:
+        """The recipe for people, e.g. ``shuffle+negpos+inner``: not secret."""
+        return "+".join(self.recipe + (("inner",) if self.inner is not None else ()))
 
     @property
     def fingerprint(self) -> str:
@@ -380,18 +451,19 @@ class KeySet:
         (:func:`password_bits`). The total (:meth:`key_space_total`) bounds the number of distinct
         transforms from above. A key derived from a passphrase is never stronger than the passphrase.
         """
-        return [(s.name, s.key_bits()) for s in self.steps]
+        bits = [(s.name, s.key_bits()) for s in self.steps]
+        return bits + ([("inner", self.inner.key_bits())] if self.inner is not None else [])
 
     def key_space_total(self) -> float:
         return sum(b for _, b in self.key_space_bits())
 
     def with_note(self, note: str) -> KeySet:
         """The same key with a non-secret ``meta["note"]`` (e.g. marking a demo key)."""
-        return KeySet(self.block_size, self.channels, self.steps, meta={**self.meta, "note": note})
+        return KeySet(self.block_size, self.channels, self.steps, meta={**self.meta, "note": note}, inner=self.inner)
 
     def __repr__(self) -> str:
         return (
-            f"KeySet(recipe={'+'.join(self.recipe)}, block_size={self.block_size}, "
+            f"KeySet(recipe={self.label}, block_size={self.block_size}, "
             f"channels={self.channels}, fingerprint={self.fingerprint})"
         )
 
@@ -400,13 +472,15 @@ class KeySet:
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "format": KEY_FORMAT,
-            "version": KEY_FORMAT_VERSION,
+            "version": KEY_FORMAT_VERSION if self.inner is None else KEY_FORMAT_VERSION_INNER,
             "layout": LAYOUT,
             "block_size": self.block_size,
             "channels": self.channels,
             "fingerprint": self.fingerprint,
             "steps": [s.to_json() for s in self.steps],
         }
+        if self.inner is not None:
+            doc["inner"] = self.inner.to_json()
         if self.meta:
             doc["meta"] = self.meta
         return doc
@@ -418,10 +492,16 @@ class KeySet:
             raise KeyFileError("not a blockkey key file (expected a JSON object)")
         if doc.get("format") != KEY_FORMAT:
             raise KeyFileError(f"not a blockkey key file (format {doc.get('format')!r}, expected {KEY_FORMAT!r})")
-        if doc.get("version") != KEY_FORMAT_VERSION:
+        version = doc.get("version")
+        if version not in (KEY_FORMAT_VERSION, KEY_FORMAT_VERSION_INNER) or isinstance(version, bool):
             raise KeyFileError(
-                f"unsupported key file version {doc.get('version')!r} (this blockkey reads {KEY_FORMAT_VERSION})"
+                f"unsupported key file version {version!r} "
+                f"(this blockkey reads {KEY_FORMAT_VERSION} and {KEY_FORMAT_VERSION_INNER})"
             )
+        if ("inner" in doc) != (version == KEY_FORMAT_VERSION_INNER):
+            need = "needs" if "inner" not in doc else "cannot hold"
+            raise KeyFileError(f"key file version {version} {need} an inner key")
+        inner = InnerKey.from_json(doc["inner"]) if "inner" in doc else None
         if doc.get("layout", LAYOUT) != LAYOUT:
             raise KeyFileError(f"unsupported block layout {doc.get('layout')!r}; expected {LAYOUT!r}")
         steps_doc = doc.get("steps")
@@ -429,7 +509,8 @@ class KeySet:
             raise KeyFileError("key file has no 'steps' list")
         steps = tuple(_step_from_json(i, s) for i, s in enumerate(steps_doc))
         meta = doc.get("meta", {})
-        key = cls(doc.get("block_size"), doc.get("channels"), steps, meta=meta if isinstance(meta, dict) else {})
+        meta = meta if isinstance(meta, dict) else {}
+        key = cls(doc.get("block_size"), doc.get("channels"), steps, meta=meta, inner=inner)
         expected = doc.get("fingerprint")
         if expected is not None and expected != key.fingerprint:
             raise KeyFileError(
@@ -531,6 +612,8 @@ def _canonical(key: KeySet) -> bytes:
         "channels": key.channels,
         "steps": [s.to_json() for s in key.steps],
     }
+    if key.inner is not None:  # absent for keys without one: their fingerprints are unchanged
+        body["inner"] = key.inner.to_json()
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 

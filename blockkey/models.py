@@ -146,8 +146,20 @@ def resnet18_cifar(
 # --------------------------------------------------------------------------------------------
 
 
+def _keyed_point(channels: int, inner: bool, signs: bool = True) -> nn.Module:
+    """A keyed point (:class:`blockkey.inner.ChannelKey`) where ``inner``, else an identity (no state either way)."""
+    if not inner:
+        return nn.Identity()
+    from .inner import ChannelKey
+
+    return ChannelKey(channels, signs)
+
+
 class ConvGroup(nn.Module):
-    def __init__(self, cin: int, cout: int) -> None:
+    """conv -> pool -> BN -> act -> conv -> BN -> act; with ``inner``, a keyed point after each act
+    (``last_signs=False``: the second keeps its signs, for a max pool after it)."""
+
+    def __init__(self, cin: int, cout: int, inner: bool = False, last_signs: bool = True) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2)
@@ -155,10 +167,12 @@ class ConvGroup(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.act = nn.GELU()
+        self.key1 = _keyed_point(cout, inner)
+        self.key2 = _keyed_point(cout, inner, last_signs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.bn1(self.pool(self.conv1(x))))
-        return self.act(self.bn2(self.conv2(x)))
+        x = self.key1(self.act(self.bn1(self.pool(self.conv1(x)))))
+        return self.key2(self.act(self.bn2(self.conv2(x))))
 
 
 class FastNet(nn.Module):
@@ -185,21 +199,30 @@ def fastnet(num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Mo
 
 class PatchNet(nn.Module):
     def __init__(
-        self, num_classes: int, in_channels: int = 3, patch: int = 4, widths: tuple[int, ...] = (128, 256, 256)
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        patch: int = 4,
+        widths: tuple[int, ...] = (128, 256, 256),
+        inner: bool = False,
     ) -> None:
         super().__init__()
         w0 = widths[0]
+
+        def act() -> nn.Module:  # with inner keys: GELU then a keyed point (same state-dict names either way)
+            return nn.Sequential(nn.GELU(), _keyed_point(w0, True)) if inner else nn.GELU()
+
         self.embed = nn.Sequential(
             nn.Conv2d(in_channels, w0, patch, patch, bias=False),
             nn.BatchNorm2d(w0),
-            nn.GELU(),
+            act(),
             nn.Conv2d(w0, w0, 3, padding=1, bias=False),
             nn.BatchNorm2d(w0),
-            nn.GELU(),
+            act(),
         )
         groups, cin = [], w0
-        for w in widths[1:]:
-            groups.append(ConvGroup(cin, w))
+        for i, w in enumerate(widths[1:]):
+            groups.append(ConvGroup(cin, w, inner, last_signs=i < len(widths) - 2))
             cin = w
         self.groups = nn.Sequential(*groups)
         self.head = nn.Linear(cin, num_classes, bias=False)
@@ -214,10 +237,13 @@ class PatchNet(nn.Module):
 
 
 @register_model
-def patchnet(num_classes: int, in_channels: int = 3, patch: int = 4, width: float = 1.0) -> nn.Module:
-    """Block-aligned net: set ``patch`` to the key's block size (the trainer does)."""
+def patchnet(
+    num_classes: int, in_channels: int = 3, patch: int = 4, width: float = 1.0, inner: bool = False
+) -> nn.Module:
+    """Block-aligned net: set ``patch`` to the key's block size (the trainer does). ``inner``: a keyed
+    point (:mod:`blockkey.inner`) after every activation (6), for keys with an inner part."""
     widths = tuple(max(8, round(w * width)) for w in (128, 256, 256))
-    return PatchNet(num_classes, in_channels, patch, widths)
+    return PatchNet(num_classes, in_channels, patch, widths, inner)
 
 
 class TableEmbed(nn.Module):

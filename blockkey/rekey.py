@@ -82,6 +82,11 @@ def block_affine(key: KeySet) -> BlockAffine:
     """The block map of ``key`` (any order and number of shuffle and negpos steps); FFX is refused."""
     if "ffx" in key.recipe:
         raise RekeyError(FFX_REFUSAL)
+    if key.inner is not None:
+        raise RekeyError(
+            "a key with an inner part keys the feature maps inside the network: convert and rekey fold "
+            "input keys into the first layer only"
+        )
     bp = compile_block_plan(key)
     flipped = (bp.codes[:, 0] == PIXEL_MAX).to(torch.float64)  # each table is v or 255 - v
     return BlockAffine(bp.src, 1.0 - 2.0 * flipped, flipped)

@@ -39,6 +39,7 @@ from .checkpoint import (
 )
 from .data import BatchLoader, Data, DataError, Normalize, StreamLoader, make_loader
 from .errors import BlockkeyError, ShapeError
+from .inner import use_inner_key
 from .keys import KeySet
 from .models import create_model
 from .passport import PassportError, Passports, passport_layers, sign_loss
@@ -304,6 +305,7 @@ def _fit(
         passports.attach(model)
     elif has_passport_layers:
         raise PassportError(f"{cfg.model} {cfg.model_kwargs} has passport layers: give it passports")
+    use_inner_key(model, key)  # the key's inner part at the model's keyed points (identity without one)
     freeze_except(model, cfg.train_layers)
     model = model.to(device)
     if cfg.channels_last:
@@ -357,7 +359,7 @@ def _fit(
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # fp16 needs loss scaling; bf16 does not
-    protected = f"key {key.fingerprint} ({'+'.join(key.recipe)}, M={key.block_size})" if key else "no key"
+    protected = f"key {key.fingerprint} ({key.label}, M={key.block_size})" if key else "no key"
     if passports is not None:
         protected = f"passports {passports.fingerprint}, {len(passport_layers(model))} layers"
     with_sign_loss = passports is not None and cfg.sign_loss > 0

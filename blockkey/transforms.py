@@ -39,6 +39,8 @@ class KeyedTransform(nn.Module):
             bp, self.recipe, self.fingerprint = key, ("compiled",), "compiled"
         else:
             bp, self.recipe, self.fingerprint = F.compile_block_plan(key), key.recipe, key.fingerprint
+        #: The key's inner part (keyed points inside the model, :mod:`blockkey.inner`), or None.
+        self.inner = key.inner if isinstance(key, KeySet) else None
         self.block_size = bp.block_size
         self.channels = bp.channels
         self.register_buffer("src", bp.src, persistent=False)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..data import Data, Normalize, make_loader
+from ..inner import use_inner_key
 from ..keys import KeySet
 from ..passport import Passports
 from ..train import predict_accuracy
@@ -54,9 +55,17 @@ class Target:
         return "bf16" if amp == "auto" else amp
 
 
-def accuracy(target: Target, transform: KeyedTransform | nn.Module | None, data: Data | None = None) -> float:
-    """Accuracy of the stolen model on ``data`` (default: the evaluation images) seen through ``transform``."""
+def accuracy(
+    target: Target, transform: KeyedTransform | nn.Module | None, data: Data | None = None, keep_inner: bool = False
+) -> float:
+    """Accuracy of the stolen model on ``data`` (default: the evaluation images) seen through ``transform``.
+
+    The model's keyed points (:mod:`blockkey.inner`) are set from the transform's key (identity without an
+    inner part), unless ``keep_inner``: then they stay as they are (e.g. as an attack recovered them).
+    """
     data = data if data is not None else target.val
+    if not keep_inner:
+        use_inner_key(target.model, transform.inner if isinstance(transform, KeyedTransform) else None)
     if transform is None or isinstance(transform, KeyedTransform):
         loader = make_loader(
             data, 500, train=False, transform=transform, normalize=target.normalize, device=target.device

@@ -1,0 +1,214 @@
+"""Inner keys: keyed channel permutations inside the network (blockkey.inner)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from blockkey import KeySet
+from blockkey.attacks import Target, accuracy
+from blockkey.checkpoint import load_model
+from blockkey.data import stratified_split
+from blockkey.errors import BlockkeyError, KeyFileError
+from blockkey.evaluate import evaluate_run
+from blockkey.inner import ChannelKey, keyed_points, use_inner_key
+from blockkey.keys import InnerKey
+from blockkey.models import create_model
+from blockkey.rekey import RekeyError, block_affine
+from blockkey.train import TrainConfig, fit
+from blockkey.transforms import KeyedTransform
+
+from .helpers import rand_key
+from .test_training import colour_data
+
+
+def with_inner(key: KeySet, seed: int = 0) -> KeySet:
+    return KeySet(key.block_size, key.channels, key.steps, inner=InnerKey(bytes((seed + i) % 256 for i in range(32))))
+
+
+class TestInnerKeyFile:
+    def test_round_trip_version_and_fingerprint(self, tmp_path):
+        key = KeySet.generate("shuffle,negpos,inner", 4)
+        assert key.recipe == ("shuffle", "negpos") and key.spec == ("shuffle", "negpos", "inner")
+        assert key.label == "shuffle+negpos+inner" and dict(key.key_space_bits())["inner"] == 256
+        path = key.save(tmp_path / "k.json")
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+        doc = json.loads(path.read_text())
+        assert doc["version"] == 2 and doc["inner"]["type"] == "inner"
+        assert KeySet.load(path) == key and KeySet.load(path).fingerprint == key.fingerprint
+        assert key.inner.secret.hex() not in repr(key) + repr(key.inner)
+
+    def test_keys_without_inner_are_unchanged(self, tmp_path):
+        plain = rand_key("shuffle,negpos", 4, seed=1)
+        assert plain.to_json()["version"] == 1 and "inner" not in plain.to_json()
+        assert with_inner(plain).fingerprint != plain.fingerprint  # the secret is part of the fingerprint
+        assert with_inner(plain, 1).fingerprint != with_inner(plain, 2).fingerprint
+
+    def test_inner_only_key_is_identity_on_images(self):
+        key = KeySet.generate("inner", 4)
+        x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+        assert key.steps == () and torch.equal(KeyedTransform(key).encode(x), x.to(torch.int16).to(x.dtype))
+
+    @pytest.mark.parametrize(
+        ("change", "match"),
+        [
+            (lambda d: d.pop("inner"), "needs an inner key"),
+            (lambda d: d.update(version=1), "cannot hold an inner key"),
+            (lambda d: d["inner"].update(secret="zz"), "not hex"),
+            (lambda d: d["inner"].update(secret="ab"), "32 bytes"),
+        ],
+    )
+    def test_corrupt_files(self, change, match):
+        doc = KeySet.generate("negpos,inner", 2).to_json()
+        doc.pop("fingerprint")
+        change(doc)
+        with pytest.raises(KeyFileError, match=match):
+            KeySet.from_json(doc)
+
+    def test_points_are_signed_permutations_that_depend_on_secret_name_and_size(self):
+        inner = with_inner(rand_key("negpos", 2), 3).inner
+        perm, flips = inner.point("a", 64)
+        assert sorted(perm) == list(range(64)) and set(flips) == {0, 1}
+        assert inner.point("a", 64) == (perm, flips)  # deterministic
+        assert inner.point("b", 64)[0] != perm and inner.point("a", 65)[0][:64] != perm
+        assert with_inner(rand_key("negpos", 2), 4).inner.point("a", 64)[0] != perm
+        assert inner.point("a", 64, signs=False)[1] == (0,) * 64
+
+
+class TestChannelKey:
+    def test_forward_is_signed_permutation_and_no_state(self):
+        point = ChannelKey(5)
+        x = torch.randn(2, 5, 3, 3)
+        assert torch.equal(point(x), x)  # identity until keyed
+        perm, sign = torch.tensor([2, 0, 4, 1, 3]), torch.tensor([1.0, -1, 1, -1, -1])
+        point.set(perm, sign)
+        for j in range(5):
+            assert torch.equal(point(x)[:, j], sign[j] * x[:, perm[j]])
+        assert list(point.state_dict()) == [] and "perm=" not in repr(point)
+        point.set(None)
+        assert torch.equal(point(x), x)
+        with pytest.raises(BlockkeyError, match="permutation"):
+            point.set(torch.tensor([0, 0, 1, 2, 3]))
+
+    def test_model_without_points_refuses_an_inner_key(self):
+        with pytest.raises(BlockkeyError, match="no keyed points"):
+            use_inner_key(create_model("patchnet", 3, patch=2, width=0.1), KeySet.generate("inner", 2))
+        use_inner_key(create_model("patchnet", 3, patch=2, width=0.1), None)  # nothing to do
+
+    def test_state_dict_names_match_the_plain_model(self):
+        plain = create_model("patchnet", 10, patch=4, width=0.25)
+        keyed = create_model("patchnet", 10, patch=4, width=0.25, inner=True)
+        assert list(plain.state_dict()) == list(keyed.state_dict())
+        assert len(keyed_points(keyed)) == 6
+
+
+def fold_inner_into_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Reference: the plain patchnet weights computing what ``model`` computes with its keyed points.
+
+    A point feeding channel ``perm[j]`` times ``sign[j]`` into input column ``j`` of the next layer is the
+    plain layer with column ``perm[j]`` = ``sign[j]`` x column ``j``.
+    """
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    consumers = {  # keyed point -> the layer reading its output
+        "embed.2.1": "embed.3.weight",
+        "embed.5.1": "groups.0.conv1.weight",
+        "groups.0.key1": "groups.0.conv2.weight",
+        "groups.0.key2": "groups.1.conv1.weight",
+        "groups.1.key1": "groups.1.conv2.weight",
+        "groups.1.key2": "head.weight",
+    }
+    for name, point in keyed_points(model).items():
+        w = state[consumers[name]]
+        folded = torch.empty_like(w)
+        for j in range(point.channels):
+            folded[:, int(point.perm[j])] = point.sign[j] * w[:, j]
+        state[consumers[name]] = folded
+    return state
+
+
+def test_inner_key_is_a_relabelling_of_the_next_layers():
+    """With its key the keyed model computes exactly what a plain model with folded weights computes."""
+    torch.manual_seed(0)
+    keyed = create_model("patchnet", 10, patch=4, width=0.25, inner=True).double().eval()
+    for m in keyed.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+    use_inner_key(keyed, with_inner(rand_key("negpos", 4), 7))
+    plain = create_model("patchnet", 10, patch=4, width=0.25).double().eval()
+    plain.load_state_dict(fold_inner_into_weights(keyed))
+    x = torch.rand(4, 3, 16, 16, dtype=torch.float64)
+    assert torch.allclose(keyed(x), plain(x), atol=1e-10)
+    use_inner_key(keyed, None)
+    assert not torch.allclose(keyed(x), plain(x), atol=1e-3)  # without its key it is another function
+
+
+@pytest.fixture(scope="module")
+def inner_target(tmp_path_factory):
+    """A small patchnet trained with an inner-only key on a learnable toy set (held-out quarter)."""
+    tmp = tmp_path_factory.mktemp("inner")
+    train, val = stratified_split(colour_data(60, size=16), 0.25, 0)
+    key = with_inner(rand_key("negpos", 4, seed=5), 11)
+    cfg = TrainConfig(
+        model="patchnet",
+        model_kwargs={"patch": 4, "width": 0.25, "inner": True},
+        epochs=8,
+        batch_size=16,
+        lr=0.05,
+        amp="off",
+    )
+    fit(train, val, key, cfg, tmp / "run", progress=False, log=lambda s: None)
+    model, meta = load_model(tmp / "run")
+    return Target(model, meta, key, val), tmp / "run"
+
+
+def test_trained_inner_model_needs_its_inner_key(inner_target):
+    target, run = inner_target
+    key = target.key
+    holder = accuracy(target, KeyedTransform(key))
+    outer_only = accuracy(target, KeyedTransform(KeySet(key.block_size, key.channels, key.steps)))
+    wrong_inner = accuracy(target, KeyedTransform(with_inner(KeySet(key.block_size, key.channels, key.steps), 99)))
+    assert holder > 0.9
+    assert outer_only < holder - 0.4 and wrong_inner < holder - 0.4
+    report = evaluate_run(run, target.val, key, wrong_keys=3, progress=False)
+    rows = {r["setting"].split()[0]: r for r in report.rows}
+    assert rows["correct"]["accuracy"] == pytest.approx(holder)
+    assert rows["3"]["max"] < holder - 0.3  # wrong keys draw a fresh inner secret too
+    assert report.model_key["spec"][-1] == "inner"
+
+
+def test_rekey_refuses_inner_keys():
+    with pytest.raises(RekeyError, match="inner"):
+        block_affine(with_inner(rand_key("shuffle", 2)))
+
+
+def test_alignment_recovers_a_point_its_statistics_identify():
+    """inner-align's matcher: where the BatchNorm record pins the key down (8 channels into 48), it finds it."""
+    from blockkey.attacks.inner_align import _capture, _refine, _start, _Stats, _trace
+    from blockkey.inner import ChannelKey
+
+    torch.manual_seed(0)
+    point = ChannelKey(8)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8, momentum=None),
+        torch.nn.GELU(),
+        point,
+        torch.nn.Conv2d(8, 48, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(48, momentum=None),
+    )
+    x = torch.rand(64, 3, 8, 8) + torch.linspace(0, 1, 3).view(1, 3, 1, 1)
+    perm, sign = torch.randperm(8), torch.where(torch.rand(8) < 0.5, -1.0, 1.0)
+    point.set(perm, sign)
+    model.train()(x)  # the record: exact statistics of the keyed model on these images
+    model.eval()
+    point.set(None)
+    (p,) = _trace(model, x[:2])
+    assert p.consumer is model[4] and p.bn is model[5] and not p.pool
+    st = _Stats(p, _capture(model, point, x))
+    found, found_sign, _ = _refine(st, *_start(st), sweeps=5, budget=30)
+    assert torch.equal(found, perm) and torch.equal(found_sign, sign)
+    assert st.loss(st.output(perm, sign)) < 1e-6
