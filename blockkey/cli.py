@@ -131,7 +131,7 @@ def _with_file(path: Path, err: BlockkeyError) -> BlockkeyError:
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
     key = KeySet.load(args.key)
-    t = KeyedTransform(key)
+    t = KeyedTransform(key, compat=args.compat)
     written = []
     for src, dst in _progress(_outputs(args.inputs, args.output, ".png"), "encrypt"):
         try:
@@ -148,6 +148,8 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
+    if args.compat == "authors":
+        raise BlockkeyError("--compat authors cannot decrypt: the authors' FFX truncation is not one-to-one")
     key = KeySet.load(args.key)
     t = KeyedTransform(key)
     has_ffx = t.has_ffx  # from the compiled tables: an FFX step with an all-zero mask writes 8-bit files
@@ -554,6 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("inputs", nargs="+", metavar="IN", help="image files")
         sp.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
         sp.add_argument("--force", action="store_true", help="overwrite existing output files")
+        sp.add_argument(
+            "--compat",
+            choices=["exact", "authors"],
+            default="exact",
+            help="exact (default, invertible) or authors: their float32 truncation before FFX, for models trained "
+            "with their code (docs/key-format.md); decrypt refuses it",
+        )
         sp.set_defaults(func=func)
 
     sp = add("show", "draw an image after each step of a key (original, steps, decrypted)")

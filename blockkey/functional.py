@@ -12,7 +12,13 @@ code divided by its own domain maximum: ``v / 255`` for positions no FFX step to
 for FFX codes. (The authors divide every position by ``max(E(0..255))``, 996 for the password
 "password"; that squeezes untouched pixels into ``[0, 0.256]`` and makes the scale depend on the
 key. 999 is the FFX domain's own maximum, is key-independent and keeps every position in [0, 1].)
-Integer codes are the same as the authors' (see :func:`encrypt_codes`).
+
+The authors' code. A single step gives the same integer codes as theirs (see :func:`encrypt_codes`).
+A chain with negpos before FFX does not: their FFX step reads its input as ``long(x * 255)``, and
+after negpos ``(1 - v/255) * 255`` in float32 truncates to ``254 - v`` for 159 of the 256 pixel
+values, so their chain is not one-to-one there. The default (``compat="exact"``) computes the exact
+``E(255 - v)`` and decrypts every pixel; ``compat="authors"`` reproduces their float32 arithmetic
+(truncation and their ``max(E)`` scaling) for models trained with their code, and cannot decrypt.
 
 Kernels are pure: they never modify their input, never move devices, accept any leading
 dimensions ``(..., C, H, W)`` and raise :class:`~blockkey.errors.ShapeError` (a ``ValueError``) for
@@ -31,6 +37,7 @@ from .errors import KeyMismatchError, ShapeError
 from .keys import FFX, KeySet, NegPos, Shuffle, ffx_table
 
 __all__ = [
+    "COMPAT_MODES",
     "BlockPlan",
     "Plan",
     "block_shuffle",
@@ -50,6 +57,9 @@ __all__ = [
 
 PIXEL_MAX = 255
 FFX_MAX = 999
+#: ``"exact"``: blockkey's invertible arithmetic (default). ``"authors"``: the float32 arithmetic of the
+#: authors' keydefense.py (truncation before each FFX step, division by ``max(E(0..255))``); not invertible.
+COMPAT_MODES = ("exact", "authors")
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,7 +126,10 @@ class BlockPlan:
         block_size, channels: the key's ``M`` and ``C``.
         src: ``(L,)`` int64, the input block position feeding output position ``k``.
         codes: ``(L, 256)`` int64, the output code of output position ``k`` for each input value.
-        domain: ``(L,)`` int64, 255 or 999: the maximum code of position ``k`` (its float scale).
+        domain: ``(L,)`` int64, 255 or 999: the maximum code of position ``k`` (its float scale);
+            with ``compat="authors"`` 255, or ``max(E(0..255))`` of the last FFX step.
+        values: ``(L, 256)`` float32 or None: the authors' float output (``compat="authors"`` only;
+            ``codes`` is then ``round(values * domain)``, their integers).
     """
 
     block_size: int
@@ -124,6 +137,12 @@ class BlockPlan:
     src: Tensor
     codes: Tensor
     domain: Tensor
+    values: Tensor | None = None
+
+    @property
+    def compat(self) -> str:
+        """``"exact"`` (invertible) or ``"authors"`` (their float32 arithmetic; not invertible)."""
+        return "exact" if self.values is None else "authors"
 
     @property
     def has_ffx(self) -> bool:
@@ -131,11 +150,53 @@ class BlockPlan:
         return bool((self.domain != PIXEL_MAX).any())
 
     def __repr__(self) -> str:  # never the tables: they are the key
-        return f"BlockPlan(block_size={self.block_size}, channels={self.channels}, has_ffx={self.has_ffx})"
+        compat = "" if self.values is None else ", compat='authors'"
+        return f"BlockPlan(block_size={self.block_size}, channels={self.channels}, has_ffx={self.has_ffx}{compat})"
 
 
-def compile_block_plan(key: KeySet) -> BlockPlan:
-    """Fold the ordered steps of ``key`` into one permutation and one value table per position."""
+def _check_compat(compat: str) -> None:
+    if compat not in COMPAT_MODES:
+        raise ValueError(f"compat must be one of {', '.join(COMPAT_MODES)}; got {compat!r}")
+
+
+def _authors_values(key: KeySet) -> tuple[Tensor, Tensor]:
+    """Every pixel value through the authors' float32 steps, at every block position.
+
+    Returns ``(values, domain)``: ``(L, 256)`` float32 outputs and the ``(L,)`` scale of their integers.
+    Same operations as their keydefense.py: ``x = v / 255`` (ToTensor), negpos ``1 - x``, FFX
+    ``q = long(clamp(x, 0, 1) * 255)`` (truncation), ``E(q)`` where masked, then ``q / max(E(0..255))``
+    at every position. IEEE float32 division, subtraction and multiplication are exactly rounded, so
+    the tables are the same on any CPU or GPU.
+    """
+    length = key.block_len
+    values = (torch.arange(256, dtype=torch.uint8).float() / PIXEL_MAX).repeat(length, 1)
+    domain = torch.full((length,), PIXEL_MAX)
+    for step in key.steps:
+        if isinstance(step, Shuffle):
+            perm = torch.tensor(step.perm)
+            values, domain = values[perm], domain[perm]
+        elif isinstance(step, NegPos):
+            m = torch.tensor(step.mask, dtype=torch.bool)
+            values = torch.where(m[:, None], 1 - values, values)
+        elif isinstance(step, FFX):
+            m = torch.tensor(step.mask, dtype=torch.bool)
+            table = torch.tensor(ffx_table(step.password)[:256])  # their lookup: E on 0..255 only
+            q = (torch.clamp(values, 0, 1) * PIXEL_MAX).long()
+            q = torch.where(m[:, None], table[q], q)
+            values = q.float() / table.max()
+            domain = torch.full((length,), int(table.max()))
+        else:  # pragma: no cover - KeySet validates its steps
+            raise TypeError(f"unknown step {step!r}")
+    return values, domain
+
+
+def compile_block_plan(key: KeySet, compat: str = "exact") -> BlockPlan:
+    """Fold the ordered steps of ``key`` into one permutation and one value table per position.
+
+    ``compat="authors"`` builds the tables with the authors' float32 arithmetic instead (see the
+    module notes): same permutation, their truncated codes and float values; such a plan cannot decrypt.
+    """
+    _check_compat(compat)
     length = key.block_len
     src = torch.arange(length)
     codes = torch.arange(256).repeat(length, 1)
@@ -154,6 +215,10 @@ def compile_block_plan(key: KeySet) -> BlockPlan:
             domain = torch.where(m, FFX_MAX, domain)
         else:  # pragma: no cover - KeySet validates its steps
             raise TypeError(f"unknown step {step!r}")
+    if compat == "authors":
+        values, domain = _authors_values(key)
+        codes = torch.round(values.double() * domain[:, None]).long()
+        return BlockPlan(key.block_size, key.channels, src, codes, domain, values)
     return BlockPlan(key.block_size, key.channels, src, codes, domain)
 
 
@@ -211,8 +276,13 @@ class Plan:
         return f"Plan(shape={self.shape}, tables={tables}, has_ffx={ffx}, device={self.device})"
 
 
-def compile_plan(key: KeySet | BlockPlan, size: Sequence[int], device: torch.device | str | None = None) -> Plan:
+def compile_plan(
+    key: KeySet | BlockPlan, size: Sequence[int], device: torch.device | str | None = None, compat: str = "exact"
+) -> Plan:
     """Compile ``key`` for images of spatial size ``size = (H, W)`` on ``device``.
+
+    ``compat="authors"`` reproduces the authors' float32 arithmetic (see the module notes): use it
+    only to feed a model trained with their code; its plans refuse to decrypt.
 
     Example:
         >>> key = KeySet.generate("shuffle,negpos,ffx", block_size=4)
@@ -222,7 +292,10 @@ def compile_plan(key: KeySet | BlockPlan, size: Sequence[int], device: torch.dev
         >>> torch.equal(decrypt(y, plan), x)     # exact inverse
         True
     """
-    bp = key if isinstance(key, BlockPlan) else compile_block_plan(key)
+    _check_compat(compat)
+    bp = key if isinstance(key, BlockPlan) else compile_block_plan(key, compat)
+    if bp.compat != compat:
+        raise ValueError(f"this BlockPlan was compiled with compat={bp.compat!r}; got compat={compat!r}")
     m, c = bp.block_size, bp.channels
     h, w = (int(s) for s in size)
     if h % m or w % m or h < 1 or w < 1:
@@ -230,9 +303,9 @@ def compile_plan(key: KeySet | BlockPlan, size: Sequence[int], device: torch.dev
     n = c * h * w
     length = m * m * c
 
-    # Table classes: identical (codes, domain) rows share one table.
-    rows = torch.cat([bp.codes, bp.domain[:, None]], dim=1)
-    uniq, cls = torch.unique(rows, dim=0, return_inverse=True)
+    # Table classes: identical (codes, domain[, float bits]) rows share one table.
+    parts = [bp.codes, bp.domain[:, None]] + ([] if bp.values is None else [bp.values.view(torch.int32).long()])
+    uniq, cls = torch.unique(torch.cat(parts, dim=1), dim=0, return_inverse=True)
     codes_t, dom_t = uniq[:, :256], uniq[:, 256]
 
     in_flat = to_blocks(torch.arange(n).view(c, h, w), m)  # (bh, bw, L): flat input index per block position
@@ -243,14 +316,18 @@ def compile_plan(key: KeySet | BlockPlan, size: Sequence[int], device: torch.dev
     cls_in = cls_out[inv_index]  # input i feeds output inv_index[i]
     domain_out = from_blocks(bp.domain.expand(h // m, w // m, length), m, c).reshape(n)
 
-    lut = codes_t.to(torch.float32) / dom_t[:, None].to(torch.float32)
+    if bp.values is None:
+        lut = codes_t.to(torch.float32) / dom_t[:, None].to(torch.float32)
+    else:  # the authors' float values, bit for bit
+        lut = uniq[:, 257:].to(torch.int32).view(torch.float32)
     inv_codes = torch.full((len(uniq), FFX_MAX + 1), -1, dtype=torch.int64)
     inv_codes.scatter_(1, codes_t, torch.arange(256).expand_as(codes_t))
 
     xor_in = sign_in = flip_in = None
     if not bp.has_ffx:
         flipped = (codes_t[:, 0] == PIXEL_MAX)[cls_in]  # class is identity or 255 - v
-        xor_in = (flipped.to(torch.uint8) * PIXEL_MAX).to(torch.uint8)
+        # authors' floats: 1 - v/255 is not always (255 - v)/255 in float32, so uint8 input uses the table
+        xor_in = None if bp.values is not None else (flipped.to(torch.uint8) * PIXEL_MAX).to(torch.uint8)
         sign_in = 1.0 - 2.0 * flipped.to(torch.float32)
         flip_in = flipped.to(torch.float32)
 
@@ -331,14 +408,24 @@ def encrypt(x: Tensor, plan: Plan) -> Tensor:
 def encrypt_codes(x: Tensor, plan: Plan) -> Tensor:
     """Exact integer form: uint8 pixels -> codes (uint8 without FFX, else int16 in 0..999).
 
-    These are the authors' integer values: shuffle and negpos outputs times 255, FFX codes
-    ``pyffx.Integer(password, length=3).encrypt(v)`` before any scaling.
+    For a single step these are the authors' integer values: shuffle and negpos outputs times 255,
+    FFX codes ``pyffx.Integer(password, length=3).encrypt(v)`` before any scaling. A chain with
+    negpos before FFX differs from their code where float32 truncation bites (module notes); with
+    ``compat="authors"`` the codes are their integers there too (``E(254 - v)``).
     """
     if x.dtype != torch.uint8:
         raise TypeError(f"encrypt_codes takes uint8 pixels; got {x.dtype}")
     xf = _flat(x, plan)
     y = torch.bitwise_xor(xf, plan.xor_in) if plan.xor_in is not None else _lookup(xf, plan.cls_in, plan.codes)
     return y.index_select(1, plan.index).view(x.shape)
+
+
+def _refuse_compat(plan: Plan) -> None:
+    if plan.block.values is not None:
+        raise ValueError(
+            "a plan compiled with compat='authors' cannot decrypt: the authors' truncation is not one-to-one "
+            "(compile with the default compat='exact')"
+        )
 
 
 def decrypt_codes(codes: Tensor, plan: Plan) -> Tensor:
@@ -348,6 +435,7 @@ def decrypt_codes(codes: Tensor, plan: Plan) -> Tensor:
         KeyMismatchError: a code this key cannot produce at that position (wrong key or not a
             ciphertext of this key).
     """
+    _refuse_compat(plan)
     if codes.is_floating_point() or codes.dtype == torch.bool or codes.is_complex():
         raise TypeError(f"decrypt_codes takes integer codes; got {codes.dtype}")
     cf = _flat(codes, plan).index_select(1, plan.inv_index).to(torch.int64)
@@ -365,6 +453,7 @@ def decrypt_codes(codes: Tensor, plan: Plan) -> Tensor:
 
 def decrypt(y: Tensor, plan: Plan) -> Tensor:
     """Inverse of :func:`encrypt` on its float output: ``round(y * D)`` per position, then exact decode."""
+    _refuse_compat(plan)
     if not y.is_floating_point():
         raise TypeError(f"decrypt takes the float output of encrypt; got {y.dtype} (use decrypt_codes)")
     yf = _flat(y, plan)
@@ -374,6 +463,7 @@ def decrypt(y: Tensor, plan: Plan) -> Tensor:
 
 def decrypt_float(y: Tensor, plan: Plan) -> Tensor:
     """Differentiable inverse for key sets without FFX: float [0, 1] -> float [0, 1]."""
+    _refuse_compat(plan)
     if plan.sign_in is None:
         raise ValueError("an FFX step has no differentiable inverse; use decrypt() on uint8 data")
     if not y.is_floating_point():

@@ -33,19 +33,26 @@ class KeyedTransform(nn.Module):
         []
     """
 
-    def __init__(self, key: KeySet | F.BlockPlan) -> None:
+    def __init__(self, key: KeySet | F.BlockPlan, compat: str = "exact") -> None:
+        """``compat="authors"``: the authors' float32 arithmetic (see :mod:`blockkey.functional`), for a
+        model trained with their code; its ``inverse``/``decode`` refuse (not one-to-one). A ``BlockPlan``
+        keeps the mode it was compiled with."""
         super().__init__()
         if isinstance(key, F.BlockPlan):  # e.g. a key an attack recovered: no steps, no fingerprint
             bp, self.recipe, self.fingerprint = key, ("compiled",), "compiled"
         else:
-            bp, self.recipe, self.fingerprint = F.compile_block_plan(key), key.recipe, key.fingerprint
+            bp, self.recipe, self.fingerprint = F.compile_block_plan(key, compat), key.recipe, key.fingerprint
         #: The key's inner part (keyed points inside the model, :mod:`blockkey.inner`), or None.
         self.inner = key.inner if isinstance(key, KeySet) else None
         self.block_size = bp.block_size
         self.channels = bp.channels
+        self.compat = bp.compat
         self.register_buffer("src", bp.src, persistent=False)
         self.register_buffer("codes", bp.codes, persistent=False)
         self.register_buffer("domain", bp.domain, persistent=False)
+        # float bits as int32: a module-wide .half() / .to(dtype) must not round the authors' values
+        bits = None if bp.values is None else bp.values.view(torch.int32)
+        self.register_buffer("value_bits", bits, persistent=False)
         self._plans: dict[tuple[int, int, str], F.Plan] = {}
 
     @property
@@ -60,8 +67,10 @@ class KeyedTransform(nn.Module):
         cache_key = (h, w, str(dev))
         plan = self._plans.get(cache_key)
         if plan is None:
-            bp = F.BlockPlan(self.block_size, self.channels, self.src.cpu(), self.codes.cpu(), self.domain.cpu())
-            plan = self._plans[cache_key] = F.compile_plan(bp, (h, w), dev)
+            values = None if self.value_bits is None else self.value_bits.cpu().view(torch.float32)
+            tables = (self.src.cpu(), self.codes.cpu(), self.domain.cpu(), values)
+            bp = F.BlockPlan(self.block_size, self.channels, *tables)
+            plan = self._plans[cache_key] = F.compile_plan(bp, (h, w), dev, self.compat)
         return plan
 
     def _plan_for(self, x: Tensor) -> F.Plan:
@@ -97,4 +106,5 @@ class KeyedTransform(nn.Module):
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
-        return f"recipe={'+'.join(self.recipe)}, block_size={self.block_size}, fingerprint={self.fingerprint}"
+        compat = "" if self.compat == "exact" else f", compat={self.compat}"
+        return f"recipe={'+'.join(self.recipe)}, block_size={self.block_size}, fingerprint={self.fingerprint}{compat}"
