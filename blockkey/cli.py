@@ -465,6 +465,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         from .attacks.ciphertext_only import ciphertext_only_attack
 
         report = ciphertext_only_attack(target, train, args.images, seed=args.seed)
+    elif args.attack == "inner-align":
+        from .attacks.inner_align import inner_align_attack
+
+        report = inner_align_attack(target, train, args.images, seconds_per_point=args.seconds_per_point)
     elif args.attack == "fine-tune":
         from .attacks.finetune import finetune_attack
 
@@ -482,6 +486,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         x = {
             "known-plaintext": "pairs",
             "ciphertext-only": "images",
+            "inner-align": "images",
             "adapter": "data_fraction",
             "fine-tune": "data_fraction",
             "key-search": "iterations",
@@ -647,7 +652,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("attack", "attack a protected model without its key (the key only scores the result)")
     sp.add_argument(
         "attack",
-        choices=["random-keys", "key-search", "known-plaintext", "ciphertext-only", "fine-tune", "adapter"],
+        choices=[
+            "random-keys",
+            "key-search",
+            "known-plaintext",
+            "ciphertext-only",
+            "fine-tune",
+            "adapter",
+            "inner-align",
+        ],
         help="attack to run",
     )
     sp.add_argument("--model", required=True, metavar="RUN_DIR", help="the stolen model's run directory")
@@ -658,12 +671,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.1], help="adapter: labelled data fractions"
     )
-    sp.add_argument("--images", type=int, nargs="+", default=[100, 1000], help="ciphertext-only: images seen")
+    sp.add_argument(
+        "--images",
+        type=int,
+        nargs="+",
+        default=[100, 1000],
+        help="ciphertext-only: transformed images seen; inner-align: labelled plain images used",
+    )
     sp.add_argument("--epochs", type=int, default=30, help="adapter, fine-tune: training epochs (default %(default)s)")
     sp.add_argument("-o", "--output", help="fine-tune: folder for the attacker's runs")
     sp.add_argument("--keys", type=int, default=100, help="random-keys, key-search: random keys to draw")
     sp.add_argument("--iterations", type=int, default=2000, help="key-search: hill-climbing moves")
     sp.add_argument("--batch", type=int, default=256, help="random-keys, key-search: labelled images to score on")
+    sp.add_argument(
+        "--seconds-per-point",
+        type=float,
+        default=60.0,
+        help="inner-align: local-search time per keyed point (default %(default)s)",
+    )
     sp.add_argument("--sample", type=int, help="evaluate on a stratified sample of N validation images")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--plot", help="write a PNG plot of attacker accuracy here")

@@ -212,3 +212,48 @@ def test_alignment_recovers_a_point_its_statistics_identify():
     found, found_sign, _ = _refine(st, *_start(st), sweeps=5, budget=30)
     assert torch.equal(found, perm) and torch.equal(found_sign, sign)
     assert st.loss(st.output(perm, sign)) < 1e-6
+
+
+def test_cli_keygen_train_evaluate_attack(tmp_path, capsys):
+    from blockkey.cli import main
+
+    from .test_training import write_folder
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err
+        return code, out, err
+
+    code, _, _ = run("keygen", "--transforms", "negpos,inner", "--block-size", "4", "-o", tmp_path / "k.json")
+    assert code == 0 and json.loads((tmp_path / "k.json").read_text())["version"] == 2
+    code, out, _ = run("info", tmp_path / "k.json", "--json")
+    info = json.loads(out)
+    assert info["recipe"] == ["negpos", "inner"] and info["key_space_bits"]["2:inner"] == 256
+    root = write_folder(tmp_path / "ds", colour_data(20, size=16))
+    common = ["--data", root, "--model", "patchnet", "--epochs", "1", "--batch-size", "8", "--amp", "off"]
+    code, _, _ = run("train", *common, "--key", tmp_path / "k.json", "-o", tmp_path / "run")
+    assert code == 0
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["model_kwargs"]["inner"] is True and meta["key"]["spec"] == ["negpos", "inner"]
+    secret = json.loads((tmp_path / "k.json").read_text())["inner"]["secret"]
+    for f in (tmp_path / "run").rglob("*"):
+        assert not f.is_file() or secret.encode() not in f.read_bytes()  # the secret stays in the key file
+    code, out, _ = run(
+        "attack",
+        "inner-align",
+        "--model",
+        tmp_path / "run",
+        "--key",
+        tmp_path / "k.json",
+        "--images",
+        "12",
+        "--seconds-per-point",
+        "0.5",
+        "--json",
+    )
+    rows = json.loads(out)["rows"]
+    assert code == 0 and rows[0]["images"] == 12 and 0 <= rows[0]["channel_fraction"] <= 1
+    KeySet.generate("negpos", 4).save(tmp_path / "other.json")
+    code, _, err = run("attack", "inner-align", "--model", tmp_path / "run", "--key", tmp_path / "other.json")
+    assert code == 2 and err.count("\n") == 1
