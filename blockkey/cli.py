@@ -489,6 +489,48 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Classify image files and folders; unreadable files are reported and skipped (exit 2 at the end)."""
+    import csv
+
+    from .predict import Predictor, list_images
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise BlockkeyError(f"--top-k and --batch-size take positive counts; got {args.top_k}, {args.batch_size}")
+    if args.csv and Path(args.csv).exists() and not args.force:
+        raise BlockkeyError(f"{args.csv} exists; refusing to overwrite (use --force)")
+    predictor = Predictor(args.model, args.key, passports=args.passport, device=args.device, batch_size=args.batch_size)
+    paths = list_images(args.inputs)
+    if not paths:
+        raise ImageFileError(f"no image files in {' '.join(args.inputs)}")
+    rows: list[dict[str, Any]] = []
+    failed = 0
+    for path, res in predictor.predict_files(paths, args.top_k):
+        if isinstance(res, BlockkeyError):
+            failed += 1
+            print(f"blockkey: error: {res}", file=sys.stderr)
+            rows.append({"path": path, "error": str(res)})
+            continue
+        rows.append(res.to_json())
+        if not args.json:
+            print(f"{path}\t" + "  ".join(f"{c} {p:.3f}" for c, p in zip(res.classes, res.probs, strict=True)))
+    if args.json:
+        print(json.dumps({"model": args.model, "predictions": rows, "failed": failed}, indent=1))
+    if args.csv:
+        k = min(args.top_k, len(predictor.classes))
+        header = ["path"] + [f"{w}_{i + 1}" for i in range(k) for w in ("class", "prob")] + ["error"]
+        with open(args.csv, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for r in rows:
+                top = [v for t in r.get("top", []) for v in (t["class"], t["prob"])]
+                w.writerow([r["path"], *top, *[""] * (2 * k - len(top)), r.get("error", "")])
+    if failed:
+        print(f"blockkey: error: {failed} of {len(paths)} files could not be classified", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
 # --------------------------------------------------------------------------------------------
 # parser
 # --------------------------------------------------------------------------------------------
@@ -671,6 +713,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--new-key", required=True, help="the new key file (same block size)")
     sp.add_argument("-o", "--output", required=True, metavar="RUN_DIR3", help="new run directory")
     sp.set_defaults(func=cmd_rekey)
+
+    sp = add("predict", "classify image files and folders with a trained model and its key")
+    sp.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory (model.safetensors + meta.json)")
+    sp.add_argument("--key", help="the model's key file (omit for a non-protected model)")
+    sp.add_argument("--passport", metavar="FILE", help="the passports of a passport model")
+    sp.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders (searched recursively)")
+    sp.add_argument("--top-k", type=int, default=5, help="classes to report per image (default %(default)s)")
+    sp.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing --csv file")
+    sp.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default %(default)s)")
+    sp.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
+    sp.set_defaults(func=cmd_predict)
     return p
 
 
