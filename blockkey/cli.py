@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -130,6 +132,8 @@ def _with_file(path: Path, err: BlockkeyError) -> BlockkeyError:
 
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
+    if getattr(args, "npy", False):
+        return _encrypt_npy(args)
     key = KeySet.load(args.key)
     t = KeyedTransform(key)
     written = []
@@ -489,7 +493,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def cmd_predict(args: argparse.Namespace) -> int:
     """Classify image files and folders; unreadable files are reported and skipped (exit 2 at the end)."""
     import csv
@@ -530,6 +533,60 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"blockkey: error: {failed} of {len(paths)} files could not be classified", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
+
+
+def _encrypt_npy(args: argparse.Namespace) -> int:
+    """``encrypt --npy``: one float32 N x C x H x W array, the input of an ONNX export without the key."""
+    from .export import keyed_input
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".npy":
+        raise BlockkeyError(f"--npy writes one array: name the output *.npy (got {out})")
+    if out.exists() and not args.force:
+        raise BlockkeyError(f"{out} exists; refusing to overwrite (use --force)")
+    size = _parse_size(args.size) if args.size else None
+    arr = keyed_input([Path(p) for p in args.inputs], KeySet.load(args.key), size)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, out)
+    dims = " x ".join(map(str, arr.shape))
+    text = f"wrote {out}: float32 {dims} (the input 'keyed' of an ONNX export without the key)"
+    _emit(args, {"written": str(out), "shape": list(arr.shape), "dtype": "float32"}, text)
+    return 0
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        h, w = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, 0)
+    except ValueError:
+        h = w = 0
+    if h < 1 or w < 1:
+        raise BlockkeyError(f"--size takes H or HxW in pixels (e.g. 32 or 224x224); got {text!r}")
+    return h, w
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    rep = export_onnx(args.model, args.output, args.key, passports=args.passport, force=args.force, opset=args.opset)
+    shape = " x ".join(map(str, rep.input_shape))
+    lines = [
+        f"wrote {rep.path}: {rep.mode}, input '{rep.input_name}' {rep.input_dtype} {shape}, output 'logits', "
+        f"opset {rep.opset}, dynamic batch ({rep.seconds:.1f} s)",
+        f"checked with onnxruntime: max |logit difference| to PyTorch {rep.max_abs_logit_diff:.1e}",
+    ]
+    if rep.mode == "keyed-input":
+        lines.append(
+            f"the file holds no key: clients feed it the key's output (blockkey encrypt --key KEY --npy IMAGES "
+            f"-o x.npy, or blockkey.keyed_input), key {rep.fingerprint}"
+        )
+    elif rep.holds_secret:
+        what = "passports" if rep.mode == "passports-in-graph" else f"key {rep.fingerprint}"
+        lines.append(f"THIS FILE HOLDS THE {what.upper()} (written with mode 0600): keep it on trusted devices only")
+    _emit(args, rep.to_json(), "\n".join(lines))
+    return 0
+
 
 # --------------------------------------------------------------------------------------------
 # parser
@@ -725,6 +782,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default %(default)s)")
     sp.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
     sp.set_defaults(func=cmd_predict)
+
+    sp = sub.choices["encrypt"]  # the ONNX client's side: no model code needed
+    sp.add_argument(
+        "--npy",
+        action="store_true",
+        help="write one float32 N x C x H x W array (-o FILE.npy): the input of an ONNX export without the key",
+    )
+    sp.add_argument("--size", help="with --npy: resize and centre-crop every image to H or HxW")
+
+    sp = add("export", "export the whole inference path as ONNX (dynamic batch), with or without the key")
+    sp.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory (model.safetensors + meta.json)")
+    sp.add_argument(
+        "--key",
+        help="compile this key into the graph (input: plain uint8 images; the file holds the key, mode 0600); "
+        "without it the input is the key's output (blockkey encrypt --npy)",
+    )
+    sp.add_argument("--passport", metavar="FILE", help="the passports of a passport model (they go into the graph)")
+    sp.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="ONNX file to write")
+    sp.add_argument("--opset", type=int, default=20, help="ONNX opset (default %(default)s)")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing file")
+    sp.set_defaults(func=cmd_export)
     return p
 
 
