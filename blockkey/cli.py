@@ -326,10 +326,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     meta = fit(
         train, val, key, cfg, args.output, resume=args.resume, device=args.device, data_info=info, passports=passports
     )
+    meta = _write_card(args, val, key, passports, meta)
     last = meta["metrics"]
     text = f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in last.items())
     _emit(args, {"run": args.output, "metrics": last, "history": meta["history"]}, text)
     return 0
+
+
+def _write_card(args: argparse.Namespace, val: Any, key: KeySet | None, passports: Any, meta: dict[str, Any]) -> Any:
+    """The model card (RUN_DIR/README.md), with accuracy on the validation split (rank 0 only under torchrun)."""
+    from .card import evaluate_for_card, write_model_card
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return meta
+    if val is not None and len(val):
+        device = None if args.device == "auto" else args.device
+        meta = evaluate_for_card(args.output, val, key, passports, device=device)
+    write_model_card(args.output, meta)
+    print(f"wrote the model card {Path(args.output) / 'README.md'}", file=sys.stderr)
+    return meta
 
 
 def _passports_for(args: argparse.Namespace, train: Any, model_kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
