@@ -287,7 +287,7 @@ def _run_split(data: Any, meta: dict[str, Any]) -> tuple[Any, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import stratified_split, stratified_subset
-    from .models import block_aligned
+    from .models import block_aligned, size_kwargs
     from .train import TrainConfig, fit
 
     key = KeySet.load(args.key) if args.key else None
@@ -300,6 +300,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_kwargs: dict[str, Any] = {}
     if block_aligned(args.model):  # patch embedding aligned with the key's blocks (the twin: --patch)
         model_kwargs["patch"] = key.block_size if key is not None else args.patch
+    model_kwargs |= size_kwargs(args.model, train.image_shape)  # timm ViTs: img_size
+    if args.pretrained:
+        if not args.model.startswith("timm_"):
+            raise BlockkeyError(f"--pretrained takes a timm_<name> model; got {args.model}")
+        model_kwargs["pretrained"] = True
     passports = None
     if args.protection == "passport":
         passports, model_kwargs = _passports_for(args, train, model_kwargs)
@@ -797,6 +802,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default %(default)s)")
     sp.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
     sp.set_defaults(func=cmd_predict)
+
+    sp = sub.choices["train"]
+    sp.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="timm_<name> models: start from timm's pretrained weights (downloaded by timm on first use)",
+    )
 
     sp = sub.choices["encrypt"]  # the ONNX client's side: no model code needed
     sp.add_argument(

@@ -19,7 +19,6 @@ The batch dimension is dynamic. ``onnx``, ``onnxscript`` (the torch.export-based
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._optional import require
 from .checkpoint import read_meta
 from .errors import BlockkeyError, ShapeError
 from .functional import Plan, compile_plan
@@ -41,18 +41,9 @@ from .passport import Passports
 from .predict import NormalizedNet, _as_uint8, check_model_key, fit_image, load_normalized_net
 from .transforms import KeyedTransform
 
-__all__ = ["ONNX_OPSET", "ExportReport", "KeyInGraph", "PlainInput", "export_onnx", "keyed_input", "require"]
+__all__ = ["ONNX_OPSET", "ExportReport", "KeyInGraph", "PlainInput", "export_onnx", "keyed_input"]
 
 ONNX_OPSET = 20
-EXTRA_HINT = {"onnx": "export", "onnxscript": "export", "onnxruntime": "export", "timm": "timm"}
-
-
-def require(*modules: str) -> None:
-    """One clear line naming the extra to install when an optional dependency is missing."""
-    for m in modules:
-        if importlib.util.find_spec(m) is None:
-            extra = EXTRA_HINT.get(m, "export")
-            raise BlockkeyError(f"this needs the package {m!r}: pip install 'blockkey[{extra}]'")
 
 
 class KeyInGraph(nn.Module):
