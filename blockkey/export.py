@@ -19,6 +19,7 @@ The batch dimension is dynamic. ``onnx``, ``onnxscript`` (the torch.export-based
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -105,7 +106,13 @@ def keyed_input(images: Any, key: KeySet | str | os.PathLike[str], size: Sequenc
     batch = torch.stack(items)
     if batch.dtype != torch.uint8:
         raise ShapeError(f"expected uint8 images; got {batch.dtype}")
-    return KeyedTransform(key)(batch).numpy()
+    return _transform(key)(batch).numpy()
+
+
+@functools.lru_cache(maxsize=4)
+def _transform(key: KeySet) -> KeyedTransform:
+    """One compiled transform per key (a client calls :func:`keyed_input` once per batch)."""
+    return KeyedTransform(key)
 
 
 @dataclass
