@@ -222,3 +222,40 @@ def test_refusals(trained, tmp_path, capsys, monkeypatch):
     with pytest.raises(BlockkeyError, match="differ in size"):
         keyed_input([torch.zeros(3, 16, 16, dtype=torch.uint8), torch.zeros(3, 8, 8, dtype=torch.uint8)], other)
     assert isinstance(KeySet.load(tmp_path / "other.json"), KeySet)
+
+
+@pytest.mark.slow
+def test_plain_and_passport_models(tmp_path):
+    from blockkey.passport import Passports
+
+    plain = make_run(tmp_path / "plain", "patchnet", MODELS["patchnet"][0], None, "position")
+    x = random_images(6)
+    rep = export_onnx(plain, tmp_path / "p.onnx")
+    assert rep.mode == "plain" and not rep.holds_secret and rep.input_dtype == "uint8"
+    assert_same(run_onnx(tmp_path / "p.onnx", x.numpy()), Predictor(plain).logits(x))
+
+    kwargs = {"width": 0.125, "passport": True, "image_size": 16}
+    run = make_run(tmp_path / "pp", "resnet18_cifar", kwargs, None, "channel")
+    pp = Passports.generate(create_model("resnet18_cifar", 3, 3, **kwargs), seed=1)
+    meta = json.loads((run / "meta.json").read_text())
+    (run / "meta.json").write_text(json.dumps(meta | {"passport": pp.info()}))
+    with pytest.raises(BlockkeyError, match="give its passports"):
+        export_onnx(run, tmp_path / "pp.onnx")
+    rep = export_onnx(run, tmp_path / "pp.onnx", passports=pp)
+    assert rep.mode == "passports-in-graph" and rep.holds_secret
+    assert stat.S_IMODE((tmp_path / "pp.onnx").stat().st_mode) == 0o600
+    assert_same(run_onnx(tmp_path / "pp.onnx", x.numpy()), Predictor(run, passports=pp).logits(x))
+
+
+def test_missing_extra_is_one_line(trained, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    import blockkey
+
+    t, _ = trained
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnxscript" else real(n, *a))
+    assert main(["export", "--model", str(t / "vit"), "-o", str(tmp_path / "a.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'blockkey[export]'" in err and err.count("\n") == 1
+    assert blockkey.keyed_input is keyed_input and blockkey.Predictor is Predictor
