@@ -134,6 +134,8 @@ def _with_file(path: Path, err: BlockkeyError) -> BlockkeyError:
 def cmd_encrypt(args: argparse.Namespace) -> int:
     if getattr(args, "npy", False):
         return _encrypt_npy(args)
+    if getattr(args, "size", None):
+        raise BlockkeyError("--size goes with --npy (PNG ciphertexts keep each image's own size)")
     key = KeySet.load(args.key)
     t = KeyedTransform(key)
     written = []

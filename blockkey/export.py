@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import time
@@ -146,6 +147,9 @@ def _conversion_message(e: BaseException) -> str:
 def _export(module: nn.Module, example: Tensor, input_name: str, opset: int, what: str) -> Any:
     from torch.export import Dim
 
+    # The exporter imports torch.utils.cpp_extension, which logs a CUDA_HOME warning on CUDA builds
+    # without a CUDA runtime: noise on a CPU machine, not the user's concern.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         prog = torch.onnx.export(
             module.eval(),
