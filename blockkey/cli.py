@@ -604,8 +604,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"-o x.npy, or blockkey.keyed_input), key {rep.fingerprint}"
         )
     elif rep.holds_secret:
-        what = "passports" if rep.mode == "passports-in-graph" else f"key {rep.fingerprint}"
-        lines.append(f"THIS FILE HOLDS THE {what.upper()} (written with mode 0600): keep it on trusted devices only")
+        what = "PASSPORTS" if rep.mode == "passports-in-graph" else "KEY"
+        lines.append(
+            f"THIS FILE HOLDS THE {what} ({rep.fingerprint}; written with mode 0600): keep it on trusted devices only"
+        )
     _emit(args, rep.to_json(), "\n".join(lines))
     return 0
 
