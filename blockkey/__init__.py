@@ -13,6 +13,18 @@ from .transforms import KeyedTransform
 
 __version__ = "0.1.0"
 
+_LAZY = {"Predictor": "predict", "export_onnx": "export", "keyed_input": "export"}
+
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    """The deployment side loads on first use: ``blockkey.Predictor``, ``blockkey.export_onnx``, ..."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "FFX",
     "BlockkeyError",
@@ -23,6 +35,7 @@ __all__ = [
     "KeyedTransform",
     "NegPos",
     "Plan",
+    "Predictor",
     "ShapeError",
     "Shuffle",
     "__version__",

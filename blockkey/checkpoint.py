@@ -91,7 +91,8 @@ def load_model(run_dir: str | os.PathLike[str], device: torch.device | str = "cp
     from .models import create_model
 
     meta = read_meta(run_dir)
-    model = create_model(meta["model"], len(meta["classes"]), meta["image_shape"][0], **meta.get("model_kwargs", {}))
+    kwargs = {k: v for k, v in meta.get("model_kwargs", {}).items() if k != "pretrained"}  # weights come from the run
+    model = create_model(meta["model"], len(meta["classes"]), meta["image_shape"][0], **kwargs)
     state = load_weights(Path(run_dir) / "model.safetensors")
     try:
         model.load_state_dict(state)

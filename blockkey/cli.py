@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -130,6 +132,10 @@ def _with_file(path: Path, err: BlockkeyError) -> BlockkeyError:
 
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
+    if getattr(args, "npy", False):
+        return _encrypt_npy(args)
+    if getattr(args, "size", None):
+        raise BlockkeyError("--size goes with --npy (PNG ciphertexts keep each image's own size)")
     key = KeySet.load(args.key)
     t = KeyedTransform(key, compat=args.compat)
     written = []
@@ -285,7 +291,7 @@ def _run_split(data: Any, meta: dict[str, Any]) -> tuple[Any, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import stratified_split, stratified_subset
-    from .models import block_aligned, model_accepts
+    from .models import block_aligned, model_accepts, size_kwargs
     from .train import TrainConfig, fit
 
     key = KeySet.load(args.key) if args.key else None
@@ -300,6 +306,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_kwargs["patch"] = key.block_size if key is not None else args.patch
     if key is not None and key.inner is not None and model_accepts(args.model, "inner"):
         model_kwargs["inner"] = True  # keyed points for the key's inner part (blockkey.inner)
+    model_kwargs |= size_kwargs(args.model, train.image_shape)  # timm ViTs: img_size
+    if args.pretrained:
+        if not args.model.startswith("timm_"):
+            raise BlockkeyError(f"--pretrained takes a timm_<name> model; got {args.model}")
+        model_kwargs["pretrained"] = True
     passports = None
     if args.protection == "passport":
         passports, model_kwargs = _passports_for(args, train, model_kwargs)
@@ -326,10 +337,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     meta = fit(
         train, val, key, cfg, args.output, resume=args.resume, device=args.device, data_info=info, passports=passports
     )
+    meta = _write_card(args, val, key, passports, meta)
     last = meta["metrics"]
     text = f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in last.items())
     _emit(args, {"run": args.output, "metrics": last, "history": meta["history"]}, text)
     return 0
+
+
+def _write_card(args: argparse.Namespace, val: Any, key: KeySet | None, passports: Any, meta: dict[str, Any]) -> Any:
+    """The model card (RUN_DIR/README.md), with accuracy on the validation split (rank 0 only under torchrun)."""
+    from .card import evaluate_for_card, write_model_card
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return meta
+    if val is not None and len(val):
+        device = None if args.device == "auto" else args.device
+        meta = evaluate_for_card(args.output, val, key, passports, device=device)
+    write_model_card(args.output, meta)
+    print(f"wrote the model card {Path(args.output) / 'README.md'}", file=sys.stderr)
+    return meta
 
 
 def _passports_for(args: argparse.Namespace, train: Any, model_kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -495,6 +521,103 @@ def cmd_attack(args: argparse.Namespace) -> int:
             raise BlockkeyError(f"--plot: {args.attack} has one row; nothing to plot")
         report.plot(args.plot, x)
     _emit(args, report.to_json(), report.to_markdown() + (f"\n\nplot: {args.plot}" if args.plot else ""))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Classify image files and folders; unreadable files are reported and skipped (exit 2 at the end)."""
+    import csv
+
+    from .predict import Predictor, list_images
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise BlockkeyError(f"--top-k and --batch-size take positive counts; got {args.top_k}, {args.batch_size}")
+    if args.csv and Path(args.csv).exists() and not args.force:
+        raise BlockkeyError(f"{args.csv} exists; refusing to overwrite (use --force)")
+    predictor = Predictor(args.model, args.key, passports=args.passport, device=args.device, batch_size=args.batch_size)
+    paths = list_images(args.inputs)
+    if not paths:
+        raise ImageFileError(f"no image files in {' '.join(args.inputs)}")
+    rows: list[dict[str, Any]] = []
+    failed = 0
+    for path, res in predictor.predict_files(paths, args.top_k):
+        if isinstance(res, BlockkeyError):
+            failed += 1
+            print(f"blockkey: error: {res}", file=sys.stderr)
+            rows.append({"path": path, "error": str(res)})
+            continue
+        rows.append(res.to_json())
+        if not args.json:
+            print(f"{path}\t" + "  ".join(f"{c} {p:.3f}" for c, p in zip(res.classes, res.probs, strict=True)))
+    if args.json:
+        print(json.dumps({"model": args.model, "predictions": rows, "failed": failed}, indent=1))
+    if args.csv:
+        k = min(args.top_k, len(predictor.classes))
+        header = ["path"] + [f"{w}_{i + 1}" for i in range(k) for w in ("class", "prob")] + ["error"]
+        with open(args.csv, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for r in rows:
+                top = [v for t in r.get("top", []) for v in (t["class"], t["prob"])]
+                w.writerow([r["path"], *top, *[""] * (2 * k - len(top)), r.get("error", "")])
+    if failed:
+        print(f"blockkey: error: {failed} of {len(paths)} files could not be classified", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def _encrypt_npy(args: argparse.Namespace) -> int:
+    """``encrypt --npy``: one float32 N x C x H x W array, the input of an ONNX export without the key."""
+    from .export import keyed_input
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".npy":
+        raise BlockkeyError(f"--npy writes one array: name the output *.npy (got {out})")
+    if out.exists() and not args.force:
+        raise BlockkeyError(f"{out} exists; refusing to overwrite (use --force)")
+    size = _parse_size(args.size) if args.size else None
+    arr = keyed_input([Path(p) for p in args.inputs], KeySet.load(args.key), size)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, out)
+    dims = " x ".join(map(str, arr.shape))
+    text = f"wrote {out}: float32 {dims} (the input 'keyed' of an ONNX export without the key)"
+    _emit(args, {"written": str(out), "shape": list(arr.shape), "dtype": "float32"}, text)
+    return 0
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        h, w = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, 0)
+    except ValueError:
+        h = w = 0
+    if h < 1 or w < 1:
+        raise BlockkeyError(f"--size takes H or HxW in pixels (e.g. 32 or 224x224); got {text!r}")
+    return h, w
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    rep = export_onnx(args.model, args.output, args.key, passports=args.passport, force=args.force, opset=args.opset)
+    shape = " x ".join(map(str, rep.input_shape))
+    lines = [
+        f"wrote {rep.path}: {rep.mode}, input '{rep.input_name}' {rep.input_dtype} {shape}, output 'logits', "
+        f"opset {rep.opset}, dynamic batch ({rep.seconds:.1f} s)",
+        f"checked with onnxruntime: max |logit difference| to PyTorch {rep.max_abs_logit_diff:.1e}",
+    ]
+    if rep.mode == "keyed-input":
+        lines.append(
+            f"the file holds no key: clients feed it the key's output (blockkey encrypt --key KEY --npy IMAGES "
+            f"-o x.npy, or blockkey.keyed_input), key {rep.fingerprint}"
+        )
+    elif rep.holds_secret:
+        what = "PASSPORTS" if rep.mode == "passports-in-graph" else "KEY"
+        lines.append(
+            f"THIS FILE HOLDS THE {what} ({rep.fingerprint}; written with mode 0600): keep it on trusted devices only"
+        )
+    _emit(args, rep.to_json(), "\n".join(lines))
     return 0
 
 
@@ -707,6 +830,46 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--new-key", required=True, help="the new key file (same block size)")
     sp.add_argument("-o", "--output", required=True, metavar="RUN_DIR3", help="new run directory")
     sp.set_defaults(func=cmd_rekey)
+
+    sp = add("predict", "classify image files and folders with a trained model and its key")
+    sp.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory (model.safetensors + meta.json)")
+    sp.add_argument("--key", help="the model's key file (omit for a non-protected model)")
+    sp.add_argument("--passport", metavar="FILE", help="the passports of a passport model")
+    sp.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders (searched recursively)")
+    sp.add_argument("--top-k", type=int, default=5, help="classes to report per image (default %(default)s)")
+    sp.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing --csv file")
+    sp.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default %(default)s)")
+    sp.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
+    sp.set_defaults(func=cmd_predict)
+
+    sp = sub.choices["train"]
+    sp.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="timm_<name> models: start from timm's pretrained weights (downloaded by timm on first use)",
+    )
+
+    sp = sub.choices["encrypt"]  # the ONNX client's side: no model code needed
+    sp.add_argument(
+        "--npy",
+        action="store_true",
+        help="write one float32 N x C x H x W array (-o FILE.npy): the input of an ONNX export without the key",
+    )
+    sp.add_argument("--size", help="with --npy: resize and centre-crop every image to H or HxW")
+
+    sp = add("export", "export the whole inference path as ONNX (dynamic batch), with or without the key")
+    sp.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory (model.safetensors + meta.json)")
+    sp.add_argument(
+        "--key",
+        help="compile this key into the graph (input: plain uint8 images; the file holds the key, mode 0600); "
+        "without it the input is the key's output (blockkey encrypt --npy)",
+    )
+    sp.add_argument("--passport", metavar="FILE", help="the passports of a passport model (they go into the graph)")
+    sp.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="ONNX file to write")
+    sp.add_argument("--opset", type=int, default=20, help="ONNX opset (default %(default)s)")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing file")
+    sp.set_defaults(func=cmd_export)
     return p
 
 

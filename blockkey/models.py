@@ -14,6 +14,8 @@
 - ``vit``: a small "simple ViT" (Beyer et al. 2022: fixed 2-D sin-cos positions, mean pooling),
   patch = the key's block size, any image size divisible by the patch.
 - ``tv_<name>``: any torchvision classification model by name, e.g. ``tv_resnet50``.
+- ``timm_<name>``: any timm model by name, e.g. ``timm_vit_tiny_patch16_224``; for ViT-family models
+  (ViT, DeiT, BEiT, EVA, CaiT) the patch size is set to the key's block size and ``img_size`` to the images'.
 
 Block-aligned models (those with a ``patch`` argument) expose their first layer as
 ``model.patch_embed``: a convolution with kernel = stride = patch, the layer into which
@@ -23,13 +25,22 @@ Block-aligned models (those with a ``patch`` argument) expose their first layer 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import BlockkeyError
 
-__all__ = ["block_aligned", "create_model", "list_models", "model_accepts", "patch_embedding", "register_model"]
+__all__ = [
+    "block_aligned",
+    "create_model",
+    "list_models",
+    "model_accepts",
+    "patch_embedding",
+    "register_model",
+    "size_kwargs",
+]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -53,7 +64,17 @@ def model_accepts(name: str, argument: str) -> bool:
 
 def block_aligned(name: str) -> bool:
     """True for models with a ``patch`` argument: the trainer sets it to the key's block size."""
+    if name.startswith("timm_"):
+        return _timm_family(name[5:]) in TIMM_PATCH_FAMILIES
     return model_accepts(name, "patch")
+
+
+def size_kwargs(name: str, image_shape: tuple[int, int, int]) -> dict:
+    """Model arguments that depend on the image size: ``image_size`` for timm ViT-family models."""
+    if name.startswith("timm_") and _timm_family(name[5:]) in TIMM_PATCH_FAMILIES:
+        h, w = image_shape[1:]
+        return {"image_size": h if h == w else [h, w]}
+    return {}
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
@@ -70,7 +91,63 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) ->
         if in_channels != 3:
             raise BlockkeyError(f"torchvision models take 3 channels; got {in_channels}")
         return model
-    raise BlockkeyError(f"unknown model {name!r}; choose from {', '.join(list_models())} or tv_<torchvision name>")
+    if name.startswith("timm_"):
+        return _timm_model(name[5:], num_classes, in_channels, **kwargs)
+    raise BlockkeyError(
+        f"unknown model {name!r}; choose from {', '.join(list_models())}, tv_<torchvision name> or timm_<timm name>"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# timm (the model zoo): timm_<name>
+# --------------------------------------------------------------------------------------------
+
+#: timm families whose first layer is a patch embedding (``patch_embed.proj``) that takes ``patch_size``
+#: and ``img_size``. timm's ConvMixer entry points fix patch_size: use blockkey's ``convmixer`` (the same net).
+TIMM_PATCH_FAMILIES = frozenset({"vision_transformer", "deit", "beit", "eva", "cait"})
+
+
+def _timm() -> Any:
+    from ._optional import require
+
+    require("timm")
+    import timm
+
+    return timm
+
+
+def _timm_family(name: str) -> str:
+    timm = _timm()
+    if not timm.is_model(name):
+        raise BlockkeyError(f"unknown timm model {name!r} (timm.list_models() lists them)")
+    return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+
+
+def _timm_model(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    patch: int | None = None,
+    image_size: int | list[int] | None = None,
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """``timm.create_model(name)`` with ``patch_size = patch`` (the key's block size) for patch-embedding
+    families, ``img_size = image_size`` for ViTs; ``pretrained`` downloads weights (on users' machines)."""
+    timm = _timm()
+    family = _timm_family(name)
+    if patch is not None and family not in TIMM_PATCH_FAMILIES:
+        raise BlockkeyError(f"timm model {name!r} ({family}) has no patch embedding to align with the key's blocks")
+    args: dict[str, Any] = dict(kwargs)
+    if patch is not None:
+        args["patch_size"] = patch
+    if image_size is not None:
+        args["img_size"] = tuple(image_size) if isinstance(image_size, list) else image_size
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels, **args)
+    except TypeError as e:
+        raise BlockkeyError(f"timm model {name!r}: {e}") from None
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,6 +481,7 @@ def patch_embedding(model: nn.Module) -> nn.Conv2d | None:
         lambda m: m.patch_embed,
         lambda m: m.conv_proj,
         lambda m: m.features[0][0],
+        lambda m: m.get_submodule(m.pretrained_cfg["first_conv"]),  # timm: patch_embed.proj, stem.0, ...
     ):
         try:
             conv = get(model)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .card import carried_evaluation, write_model_card
 from .checkpoint import CheckpointError, RunMeta, load_model, save_run
 from .data import Normalize
 from .errors import BlockkeyError, KeyMismatchError
@@ -247,9 +248,11 @@ def _rekey_run(
         "key": key_info(new_key),
         "normalize": new_norm.to_json(),
         "conversions": history,
+        "evaluation": carried_evaluation(meta, str(run_dir)),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     save_run(out_dir, new_model, new_meta)
+    write_model_card(out_dir, new_meta)
     return new_meta
 
 
