@@ -224,6 +224,11 @@ def export_onnx(
     meta = read_meta(run_dir)
     model_key = meta.get("key")
     if model_key is not None and key is None:
+        if "inner" in model_key.get("spec", ()):
+            raise BlockkeyError(
+                "this model's key has an inner part, which lives inside the network: an export without the key "
+                "cannot run it; export with --key (the file then holds the key)"
+            )
         if passports is not None:
             check_model_key(meta, None, run_dir, passports)  # refuses passports for a keyed model
         mode, secret = "keyed-input", False
@@ -231,7 +236,7 @@ def export_onnx(
         check_model_key(meta, key, run_dir, passports)
         mode = "key-in-graph" if key is not None else ("passports-in-graph" if passports is not None else "plain")
         secret = mode != "plain"
-    net, meta = load_normalized_net(run_dir, passports)
+    net, meta = load_normalized_net(run_dir, passports, key)
     shape = tuple(meta["image_shape"])
     g = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (4, *shape), dtype=torch.uint8, generator=g)

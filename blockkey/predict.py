@@ -110,12 +110,16 @@ def check_model_key(
 
 
 def load_normalized_net(
-    run_dir: str | os.PathLike[str], passports: Passports | None = None
+    run_dir: str | os.PathLike[str], passports: Passports | None = None, key: KeySet | None = None
 ) -> tuple[NormalizedNet, RunMeta]:
-    """The run's network with its normalisation in front (float32, eval mode, CPU); passports attached."""
+    """The run's network with its normalisation in front (float32, eval mode, CPU); passports attached,
+    the key's inner part (:mod:`blockkey.inner`) set at the model's keyed points."""
+    from .inner import use_inner_key
+
     model, meta = load_model(run_dir)
     if passports is not None:
         passports.attach(model)
+    use_inner_key(model, key)
     norm_doc = meta.get("normalize")
     normalize = Normalize.from_json(norm_doc) if norm_doc is not None else None
     net = NormalizedNet(model.float(), normalize, tuple(meta["image_shape"]))
@@ -226,7 +230,7 @@ class Predictor:
         key = KeySet.load(key) if isinstance(key, (str, os.PathLike)) else key
         passports = Passports.load(passports) if isinstance(passports, (str, os.PathLike)) else passports
         check_model_key(read_meta(run_dir), key, run_dir, passports)
-        self.net, self.meta = load_normalized_net(run_dir, passports)
+        self.net, self.meta = load_normalized_net(run_dir, passports, key)
         from .train import pick_device
 
         self.device = pick_device(str(device))

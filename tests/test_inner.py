@@ -257,3 +257,20 @@ def test_cli_keygen_train_evaluate_attack(tmp_path, capsys):
     KeySet.generate("negpos", 4).save(tmp_path / "other.json")
     code, _, err = run("attack", "inner-align", "--model", tmp_path / "run", "--key", tmp_path / "other.json")
     assert code == 2 and err.count("\n") == 1
+
+
+def test_predict_and_export_run_the_inner_key(inner_target, tmp_path):
+    """Predictor and the key-in-graph ONNX export set the key's inner part; an export without the key refuses."""
+    pytest.importorskip("onnxruntime")
+    from blockkey.export import export_onnx
+    from blockkey.predict import Predictor
+
+    target, run = inner_target
+    key = target.key
+    images, labels = target.val.images, target.val.labels
+    logits = Predictor(run, key).logits(images)
+    assert float((logits.argmax(1) == labels).float().mean()) == pytest.approx(accuracy(target, KeyedTransform(key)))
+    rep = export_onnx(run, tmp_path / "m.onnx", key)
+    assert rep.max_abs_logit_diff <= 1e-4 and rep.holds_secret
+    with pytest.raises(BlockkeyError, match="inner part"):
+        export_onnx(run, tmp_path / "n.onnx")
