@@ -98,8 +98,8 @@ def summary(results: dict) -> list[dict]:
 def table(results: dict) -> str:
     lines = [
         "| candidate | model | key holder | cost vs none | best attack with 1 % labelled data | scratch, same data "
-        "| best attack beyond the threat model |",
-        "|---|---|---:|---:|---|---:|---|",
+        "| stolen advantage | best attack beyond the threat model |",
+        "|---|---|---:|---:|---|---:|---:|---|",
     ]
 
     def cell(best):
@@ -108,9 +108,13 @@ def table(results: dict) -> str:
     for r in summary(results):
         cost = "-" if r["cost"] is None or r["name"] == "none" else f"{100 * r['cost']:+.1f} pts"
         scratch = "-" if r["scratch"] is None else f"{r['scratch']:.1%}"
+        # the stolen advantage: the best attack using the stolen weights minus scratch on the same data
+        adv = (
+            "-" if r["scratch"] is None or r["threat"] is None else f"{100 * (r['threat'][1] - r['scratch']):+.1f} pts"
+        )
         lines.append(
             f"| {r['name']} | {r['model']} | {r['holder']:.1%} | {cost} | {cell(r['threat'])} | {scratch} "
-            f"| {cell(r['beyond'])} |"
+            f"| {adv} | {cell(r['beyond'])} |"
         )
     return "\n".join(lines)
 
