@@ -45,17 +45,20 @@ ATTACKS = ["random-keys", "fine-tune", "adapter", "inner-align", "known-plaintex
 WITHIN_THREAT_MODEL = ("random-keys", "fine-tune", "adapter", "inner-align")
 
 
-def attack(name: str, target: Target, run: Path, train, out: Path):
+FRACTION_ATTACKS = ("fine-tune", "adapter")  # the ones run again at each --fractions value
+
+
+def attack(name: str, target: Target, run: Path, train, out: Path, fraction: float = FRACTION):
     if name == "random-keys":
         return random_keys_attack(target, train, keys=100, batch=256, progress=False)
     if name == "fine-tune":
-        return finetune_attack(target, run, train, [FRACTION], out / "finetune" / run.name, epochs=15, progress=False)
+        return finetune_attack(target, run, train, [fraction], out / "finetune" / run.name, epochs=15, progress=False)
     if name == "adapter":
-        return adapter_attack(target, train, [FRACTION], epochs=30, progress=False)
+        return adapter_attack(target, train, [fraction], epochs=30, progress=False)
     if name == "inner-align":  # the input key given: it isolates the inner key
         from blockkey.attacks.inner_align import inner_align_attack
 
-        return inner_align_attack(target, train, [round(FRACTION * len(train))], seconds_per_point=120)
+        return inner_align_attack(target, train, [round(fraction * len(train))], seconds_per_point=120)
     if name == "known-plaintext":
         return known_plaintext_attack(target, [1], data=train)
     if name == "ciphertext-only":
@@ -93,6 +96,34 @@ def summary(results: dict) -> list[dict]:
             row[group] = best
         rows.append(row)
     return rows
+
+
+def advantage_table(results: dict) -> str:
+    """The stolen advantage per labelled-data fraction: best attack on the stolen weights minus scratch."""
+    lines = [
+        "| candidate | data | best attack on the stolen weights | scratch | stolen advantage |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for name, r in results.items():
+        per: dict[float, dict] = {}
+        for a, rep in r.get("attacks", {}).items():
+            base, _, frac = a.partition("@")
+            if base not in FRACTION_ATTACKS:
+                continue
+            cell = per.setdefault(float(frac) if frac else FRACTION, {"best": None, "scratch": None})
+            for x in rep.get("rows", []):
+                if x.get("variant") == "scratch":
+                    cell["scratch"] = x["attacker_accuracy"]
+                elif cell["best"] is None or x["attacker_accuracy"] > cell["best"][1]:
+                    cell["best"] = (f"{base}: {x['setting']}", x["attacker_accuracy"])
+        for frac, c in sorted(per.items()):
+            if c["best"] is None or c["scratch"] is None:
+                continue
+            adv = 100 * (c["best"][1] - c["scratch"])
+            lines.append(
+                f"| {name} | {frac:.0%} | {c['best'][1]:.1%} ({c['best'][0]}) | {c['scratch']:.1%} | {adv:+.1f} pts |"
+            )
+    return "\n".join(lines)
 
 
 def table(results: dict) -> str:
@@ -147,6 +178,15 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _save(path: Path, name: str, entry: dict) -> None:
+    """Write one candidate's entry, keeping what other runs of this script wrote meanwhile."""
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current[name] = entry
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(current, indent=1))
+    tmp.replace(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="../shared/datasets/cifar10/train")
@@ -158,6 +198,13 @@ def main() -> None:
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-images", type=int, help="a stratified subset of the training split (default: all)")
+    ap.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=[],
+        help=f"also run {', '.join(FRACTION_ATTACKS)} with these shares of the labelled data (besides 1%%)",
+    )
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
@@ -186,27 +233,31 @@ def main() -> None:
                     norm=norm,
                     model_kwargs=extra[0] if extra else None,
                 )
-                path.write_text(json.dumps(results, indent=1))
+                _save(path, name, entry)
             if recipe is None:
                 continue
-            for a in ATTACKS:
-                if a in entry.setdefault("attacks", {}):
+            todo = [(a, FRACTION, a) for a in ATTACKS]
+            todo += [(a, f, f"{a}@{f}") for f in args.fractions if f != FRACTION for a in FRACTION_ATTACKS]
+            for a, fraction, slot in todo:
+                if slot in entry.setdefault("attacks", {}):
                     continue
                 model, meta = load_model(out / name)
                 target = Target(model, meta, KeySet.load(out / f"{name}.key.json"), val)
                 t0 = time.perf_counter()
-                print(f"{name}: {a} ...", flush=True)
+                print(f"{name}: {slot} ...", flush=True)
                 if a == "adapter" and model_name == "tablenet":
                     rep = {"skipped": "no gradient through the table lookup (first-layer fine-tuning is its analogue)"}
                 else:
                     try:
-                        rep = attack(a, target, out / name, train, out).to_json()
+                        rep = attack(a, target, out / name, train, out, fraction).to_json()
                     except Exception as e:  # an attack that cannot run on a recipe is a result, not a crash
                         rep = {"skipped": f"{type(e).__name__}: {e}"}
                 rep["seconds"] = round(time.perf_counter() - t0, 1)
-                entry["attacks"][a] = rep
-                path.write_text(json.dumps(results, indent=1))
+                entry["attacks"][slot] = rep
+                _save(path, name, entry)
     print(table(results))
+    print()
+    print(advantage_table(results))
     plot(results, out / "tradeoff.png")
     print(f"plot: {out / 'tradeoff.png'}")
 
