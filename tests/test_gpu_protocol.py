@@ -20,6 +20,15 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 CLASSES = [f"c{i}" for i in range(10)]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared CPU: one intra-op thread is 10x faster than several contending ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def protocol():
     sys.path.insert(0, str(BENCH))
@@ -48,8 +57,7 @@ def _tiny_args(tmp_path: Path, data: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.slow
-def test_protocol_runs_every_row_on_cpu(tmp_path, protocol, monkeypatch):
+def test_protocol_runs_every_row_on_cpu(tmp_path, protocol, monkeypatch, one_thread):
     monkeypatch.setenv("BLOCKKEY_CACHE", str(tmp_path / "cache"))
     data = _folder(tmp_path / "data", 4)
     results = protocol.main(_tiny_args(tmp_path, data))
@@ -69,6 +77,7 @@ def test_protocol_runs_every_row_on_cpu(tmp_path, protocol, monkeypatch):
             assert settings == ["correct key", "plain images", "2 random wrong keys"]
         assert row["eval"]["images"] == 10
     assert set(saved["calibration"]) == {"patchnet", "resnet18_cifar"}
+    assert all(c["seconds_per_image"] > 0 for c in saved["calibration"].values())
     assert saved["rows"]["paper/shuffle"]["model_kwargs"] == {"width": 0.1}
     assert saved["rows"]["fast/none"]["model_kwargs"] == {"patch": 4, "width": 0.05}
     text = (tmp_path / "out" / "table.md").read_text()
