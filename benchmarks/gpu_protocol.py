@@ -168,7 +168,8 @@ def prepare(dest: Path, source: str) -> None:
     shutil.copytree(Path(pyffx.__file__).parent, site, ignore=shutil.ignore_patterns("__pycache__", "tests.py"))
     listing = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]  # what travels, but dest
     files = subprocess.run(listing, capture_output=True, check=True).stdout.decode().split("\0")
-    tree = sum(os.path.getsize(f) for f in set(files) if f and os.path.isfile(f))
+    inside = {f for f in files if f and Path(f).resolve().is_relative_to(dest.resolve())}
+    tree = sum(os.path.getsize(f) for f in set(files) - inside if f and os.path.isfile(f))
     extra = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     total = (tree + extra) / 2**20
     print(

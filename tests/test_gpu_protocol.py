@@ -150,3 +150,21 @@ def test_pack_detects_damage(tmp_path):
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(DataError, match=r"cannot read|not a blockkey"):
         load_image_pack(tmp_path / "other.npz")
+
+
+def test_prepare_packs_data_and_pyffx_and_reports_the_size(tmp_path, protocol, monkeypatch, capsys):
+    import subprocess
+
+    data = _folder(tmp_path / "data", 1)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "big.bin").write_bytes(b"x" * 2**20)  # untracked, not ignored: it travels too
+    (repo / "gd").mkdir()
+    (repo / "gd" / "old.bin").write_bytes(b"x" * 2 * 2**20)  # in the carried folder: counted once, as gd
+    monkeypatch.chdir(repo)
+    protocol.main(["--prepare", "gd", "--data", str(data)])
+    assert torch.equal(load_image_pack("gd/cifar10-train.npz").images, load_image_folder(data, cache_dir="").images)
+    assert (repo / "gd" / "site" / "pyffx" / "ffx.py").exists()
+    out = capsys.readouterr().out
+    assert "'images': 10" in out and "working tree 1.0 MiB + gd 2.0 MiB = 3.0 MiB" in out
