@@ -1,4 +1,4 @@
-"""GPU protocol: the fast protected CIFAR-10 model and the paper's ResNet-18 table in one budgeted call.
+r"""GPU protocol: the fast protected CIFAR-10 model and the paper's ResNet-18 table in one budgeted call.
 
 Written for one call of a lent GPU machine (one H100-class card, 15 minutes of device time including
 its start, so ``--budget-s 540`` by default). Everything trains on the 45,000 training images left
@@ -43,7 +43,8 @@ machine's image has torch but not pyffx, which travels beside it):
     python benchmarks/gpu_protocol.py --prepare .gpudata      # here, once: pack + pyffx, size check
     # then, with the device tool (carry [".gpudata"], timeout_s 600), one call:
     export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/.gpudata/site; set -o pipefail;
-    python3 benchmarks/gpu_protocol.py --data .gpudata/cifar10-train.npz --out $OUT 2>&1 | tee $OUT/log.txt
+    python3 benchmarks/gpu_protocol.py --data .gpudata/cifar10-train.npz --device cuda --out $OUT \
+        2>&1 | tee $OUT/log.txt
 
     python benchmarks/gpu_protocol.py --table --out DIR      # print a finished (or partial) table
 """
