@@ -168,3 +168,32 @@ def test_prepare_packs_data_and_pyffx_and_reports_the_size(tmp_path, protocol, m
     assert (repo / "gd" / "site" / "pyffx" / "ffx.py").exists()
     out = capsys.readouterr().out
     assert "'images': 10" in out and "working tree 1.0 MiB + gd 2.0 MiB = 3.0 MiB" in out
+
+
+def test_fit_compile_model_trains_through_torch_compile(tmp_path, monkeypatch):
+    from blockkey.data import ImageTensors
+    from blockkey.train import TrainConfig, fit
+
+    compiled, calls = [], []
+
+    class Counted(torch.nn.Module):  # stands for the compiled module: counts the training calls
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(x.shape[0])
+            return self.inner(x)
+
+    def fake_compile(module):
+        compiled.append(module)
+        return Counted(module)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    data = ImageTensors(torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8), torch.arange(16) % 2, ("a", "b"))
+    cfg = TrainConfig(model="fastnet", model_kwargs={"width": 0.1}, epochs=1, batch_size=8, amp="off")
+    fit(data, None, None, cfg, tmp_path / "plain", device="cpu", progress=False, log=lambda s: None)
+    assert compiled == [] and calls == []
+    fit(data, None, None, cfg, tmp_path / "run", device="cpu", progress=False, log=lambda s: None, compile_model=True)
+    assert len(compiled) == 1 and calls == [8, 8]
+    assert (tmp_path / "run" / "model.safetensors").exists()  # the plain module's weights are saved
