@@ -18,6 +18,7 @@ import argparse
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from blockkey import KeySet
@@ -77,9 +78,16 @@ def train_recipe(
     block_size: int = 4,
     norm: str = "position",
     model_kwargs: dict | None = None,
+    config: dict | None = None,
+    fit_options: dict | None = None,
+    val_each_epoch: bool = True,
 ) -> dict:
     """Train ``model`` with a fresh key of ``recipe`` (None: non-protected) into OUT/NAME, resuming an
-    interrupted run, then evaluate it on ``val``. The key is saved beside the run as OUT/NAME.key.json."""
+    interrupted run, then evaluate it on ``val``. The key is saved beside the run as OUT/NAME.key.json.
+
+    ``config``: further :class:`TrainConfig` fields (they override the defaults set here);
+    ``fit_options``: further :func:`fit` arguments (``progress``, ``device``, ``compile_model``);
+    ``val_each_epoch=False``: no validation pass after every epoch (the epoch times are then training alone)."""
     run = out / name
     key_path = out / f"{name}.key.json"
     key = None
@@ -100,15 +108,20 @@ def train_recipe(
         norm=norm,
         seed=args.seed,
     )
+    if config:
+        cfg = replace(cfg, **config)
     resume = (run / "LATEST").exists()
     start = time.perf_counter()
     info = {"source": args.data, "val_fraction": args.val_fraction, "split_seed": args.seed}
-    meta = fit(train, val, key, cfg, run, resume=resume, data_info=info)
+    options = fit_options or {}
+    meta = fit(train, val if val_each_epoch else None, key, cfg, run, resume=resume, data_info=info, **options)
     seconds = time.perf_counter() - start
-    report = evaluate_run(run, val, key, wrong_keys=wrong_keys, progress=False)
+    device = options.get("device")
+    report = evaluate_run(run, val, key, wrong_keys=wrong_keys, progress=False, device=device)
     print(report.to_markdown(), flush=True)
     return {
         "model": model,
+        "model_kwargs": kwargs,
         "epochs": epochs,
         "train_seconds": round(sum(h["seconds"] for h in meta["history"]), 1),
         "wall_seconds_this_session": round(seconds, 1),

@@ -254,18 +254,14 @@ def load_demo() -> tuple[ImageTensors, ImageTensors]:
     """The embedded demo set: 9,000 CIFAR-10 training images (Krizhevsky 2009), 900 per class,
     split 8,000 train / 1,000 test, stored as their original JPEG bytes (8.4 MB). No download.
     """
-    import io
     from importlib import resources
 
-    from PIL import Image
+    from .imagepack import decode_images
 
     with resources.as_file(resources.files("blockkey") / "data" / "cifar10_demo.npz") as p, np.load(p) as z:
         blob, offsets, labels, test = z["jpeg"].tobytes(), z["offsets"], z["labels"], z["test"]
         classes = tuple(str(c) for c in z["classes"])
-    images = np.empty((len(labels), 32, 32, 3), np.uint8)
-    for i in range(len(labels)):
-        with Image.open(io.BytesIO(blob[offsets[i] : offsets[i + 1]])) as im:
-            images[i] = np.asarray(im.convert("RGB"))
+    images = decode_images([blob[offsets[i] : offsets[i + 1]] for i in range(len(labels))], workers=1)
     data = ImageTensors(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), torch.from_numpy(labels), classes)
     test_t = torch.from_numpy(test)
     return data.subset(torch.nonzero(~test_t).flatten()), data.subset(torch.nonzero(test_t).flatten())
@@ -274,7 +270,8 @@ def load_demo() -> tuple[ImageTensors, ImageTensors]:
 def load_dataset(
     spec: str, *, train: bool = True, root: str | os.PathLike[str] | None = None, download: bool = True
 ) -> ImageTensors:
-    """``cifar10`` / ``cifar100`` through torchvision (downloaded into ``root``), or an ImageFolder path."""
+    """``cifar10`` / ``cifar100`` through torchvision (downloaded into ``root``), an image pack
+    (``.npz``, :mod:`blockkey.imagepack`) or an ImageFolder path."""
     name = spec.lower()
     if name in ("cifar10", "cifar100"):
         import torchvision
@@ -289,6 +286,10 @@ def load_dataset(
             raise DataError(f"{name}: cannot download into {root}: {e}") from None
         images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
         return ImageTensors(images, torch.as_tensor(ds.targets, dtype=torch.int64), tuple(ds.classes))
+    if name.endswith(".npz"):
+        from .imagepack import load_image_pack
+
+        return load_image_pack(spec)
     return load_image_folder(spec)
 
 

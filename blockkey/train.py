@@ -233,18 +233,34 @@ def fit(
     progress: bool = True,
     data_info: dict[str, Any] | None = None,
     passports: Passports | None = None,
+    compile_model: bool = False,
 ) -> RunMeta:
     """Train ``cfg.model`` on ``train`` (keyed with ``key``, or plain for ``key=None``) into ``run_dir``.
 
     ``data_info`` (the data's source and split) is stored in the metadata as given. ``passports``
     protect a passport model (``model_kwargs={"passport": True}``) instead of a key; the sign loss
-    (weight ``cfg.sign_loss``) embeds their signature. Returns the run's metadata (also written to
-    ``run_dir/meta.json``).
+    (weight ``cfg.sign_loss``) embeds their signature. ``compile_model``: train through
+    ``torch.compile`` (the compile time counts in the first epoch; weights and results are those of the
+    plain module). Returns the run's metadata (also written to ``run_dir/meta.json``).
     """
     device = pick_device(str(device) if device is not None else None)
     dist, device, owns_group = _init_distributed(device)
     try:
-        return _fit(train, val, key, cfg, Path(run_dir), resume, device, dist, log, progress, data_info, passports)
+        return _fit(
+            train,
+            val,
+            key,
+            cfg,
+            Path(run_dir),
+            resume,
+            device,
+            dist,
+            log,
+            progress,
+            data_info,
+            passports,
+            compile_model,
+        )
     finally:
         if owns_group:
             import torch.distributed as tdist
@@ -265,6 +281,7 @@ def _fit(
     progress: bool,
     data_info: dict[str, Any] | None,
     passports: Passports | None,
+    compile_model: bool = False,
 ) -> RunMeta:
     from tqdm import tqdm
 
@@ -357,6 +374,8 @@ def _fit(
     net: nn.Module = model
     if dist.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_model:
+        net = torch.compile(net)  # type: ignore[assignment]
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # fp16 needs loss scaling; bf16 does not
     protected = f"key {key.fingerprint} ({key.label}, M={key.block_size})" if key else "no key"
