@@ -1,0 +1,103 @@
+"""Weights-only attack: the key read off a block-aligned model's patch embedding, no victim data."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from blockkey import KeySet
+from blockkey.attacks import Target
+from blockkey.attacks.ciphertext_only import _confidence_scorer
+from blockkey.attacks.matching import match
+from blockkey.attacks.weights_only import (
+    embedding_columns,
+    ffx_positions,
+    image_reference,
+    model_reference,
+    recover_key_weights_only,
+)
+from blockkey.checkpoint import load_model
+from blockkey.data import Normalize, load_demo
+from blockkey.functional import compile_block_plan
+from blockkey.rekey import rekey_model
+
+from .helpers import rand_key
+
+CKPT = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def _load(name: str):
+    model, meta = load_model(CKPT / name)
+    return model, meta, Normalize.from_json(meta["normalize"])
+
+
+@pytest.fixture(scope="module")
+def thief_reference():
+    """The thief's own plain model: the released shuffle model turned back into a plain one (an
+    independently trained network in plain coordinates; its key is the published demo key)."""
+    model, _, norm = _load("shuffle")
+    plain, _ = rekey_model(model, norm, KeySet.load(CKPT / "shuffle" / "key.json"), None)
+    return model_reference(plain, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["shuffle", "shuffle,negpos"])
+def test_recovers_the_key_of_a_converted_model(recipe, thief_reference):
+    none, meta, norm = _load("none")
+    key = rand_key(recipe, 4, seed=11)
+    victim, victim_norm = rekey_model(none, norm, None, key)
+    plain_train, _ = load_demo()
+    plain = plain_train.subset(torch.randperm(len(plain_train), generator=torch.Generator().manual_seed(0))[:256])
+    target = Target(victim.eval(), {**meta, "normalize": victim_norm.to_json()}, key, plain)
+    plan, info = recover_key_weights_only(
+        embedding_columns(victim, 4),
+        4,
+        3,
+        key.recipe,
+        thief_reference,
+        score=_confidence_scorer(target, plain),
+        restarts=8,
+    )
+    true = compile_block_plan(key)
+    assert torch.equal(plan.src, true.src) and torch.equal(plan.codes, true.codes)  # every position, every sign
+    assert info["candidates"] == (16 if "negpos" in recipe else 8)
+
+
+def test_negpos_signs_from_the_weights_and_from_the_statistics():
+    none, _, norm = _load("none")
+    key = rand_key("negpos", 4, seed=4)
+    victim, victim_norm = rekey_model(none, norm, None, key)
+    plain = load_demo()[0].images[torch.randperm(8000, generator=torch.Generator().manual_seed(0))[:300]]
+    true = compile_block_plan(key)
+    w = embedding_columns(victim, 4)
+    # spectral signs against the no-training reference (partial correlations of plain images): up to the global sign
+    _, info = recover_key_weights_only(w, 4, 3, key.recipe, image_reference(plain, 4))
+    assert any(torch.equal(p.codes, true.codes) for p in info["all_candidates"])
+    assert info["candidates"] == 2
+    # from the per-position normalisation means that ship with the model: exact, one candidate
+    means = (victim_norm.per_position(4, 3)[0], plain.double().mean((0, 2, 3)).repeat(16) / 255)
+    plan, info = recover_key_weights_only(w, 4, 3, key.recipe, image_reference(plain, 4), means=means)
+    assert torch.equal(plan.codes, true.codes) and info["candidates"] == 1
+
+
+def test_ffx_positions_are_the_short_columns():
+    w = torch.randn(64, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ffx = torch.zeros(48, dtype=torch.bool)
+    ffx[torch.randperm(48, generator=torch.Generator().manual_seed(1))[:20]] = True
+    w[:, ffx] *= 0.15
+    assert torch.equal(ffx_positions(w), ffx)
+
+
+def test_match_recovers_a_hidden_relabelling():
+    # a noisy relabelled copy of a structured matrix: the matcher finds the relabelling
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 24, dtype=torch.float64, generator=g).cumsum(1)  # smooth: neighbours correlate
+    b = torch.corrcoef(x.T)
+    pi = torch.randperm(24, generator=g)
+    a = b[pi][:, pi] + 0.01 * torch.randn(24, 24, dtype=torch.float64, generator=g)
+    a = (a + a.T) / 2
+    found = match(a, b, 8, random.Random(0), kicks=20)
+    assert torch.equal(found, pi) or torch.equal(found, (23 - pi))  # a chain's one symmetry: reversal
