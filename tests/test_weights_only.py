@@ -101,3 +101,51 @@ def test_match_recovers_a_hidden_relabelling():
     a = (a + a.T) / 2
     found = match(a, b, 8, random.Random(0), kicks=20)
     assert torch.equal(found, pi) or torch.equal(found, (23 - pi))  # a chain's one symmetry: reversal
+
+
+@pytest.mark.slow
+def test_cli(tmp_path, capsys):
+    import json
+
+    from blockkey.cli import main
+
+    from .test_training import colour_data, write_folder
+
+    root = write_folder(tmp_path / "ds", colour_data(20, size=16))
+    train = [
+        "train",
+        "--data",
+        root,
+        "--no-key",
+        "--model",
+        "patchnet",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--amp",
+        "off",
+    ]
+    assert main([str(a) for a in [*train, "-o", tmp_path / "plain"]]) == 0
+    rand_key("shuffle,negpos", 4, seed=2).save(tmp_path / "k.json")
+    assert (
+        main(
+            [
+                str(a)
+                for a in ["convert", "--model", tmp_path / "plain", "--key", tmp_path / "k.json", "-o", tmp_path / "v"]
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    base = ["attack", "weights-only", "--model", tmp_path / "v", "--key", tmp_path / "k.json"]
+    assert main([str(a) for a in [*base, "--reference", tmp_path / "plain", "--json"]]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["attack"] == "weights-only" and len(doc["rows"]) == 4
+    by = {r["setting"]: r for r in doc["rows"]}
+    exact = by[f"reference: plain model {tmp_path / 'plain'}, signs from normalisation"]
+    # the victim's columns are exactly the reference's, permuted: some grid symmetry is the key itself
+    assert exact["best_candidate_clear_source_fraction"] == 1.0 and exact["clear_sign_fraction"] == 1.0
+    assert main([str(a) for a in [*base, "--reference", tmp_path / "v"]]) == 2
+    err = capsys.readouterr().err
+    assert "must be a plain model" in err and err.count("\n") == 1

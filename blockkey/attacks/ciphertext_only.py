@@ -34,10 +34,10 @@ from ..functional import FFX_MAX, PIXEL_MAX, BlockPlan, compile_block_plan, to_b
 from ..train import autocast
 from ..transforms import KeyedTransform
 from . import AttackReport, Target, accuracy, make_report
+from .known_plaintext import key_agreement
 from .matching import corr as _corr
 from .matching import dihedral as _dihedral
 from .matching import match as _match
-from .known_plaintext import key_agreement
 
 __all__ = ["ciphertext_only_attack", "recover_key_ciphertext_only"]
 

@@ -198,7 +198,7 @@ def _spectral_signs(g: Tensor, ref: Tensor, src: Tensor, clear: Tensor) -> Tenso
 
 
 def _stats_signs(mean: Tensor, plain_mean: Tensor, src: Tensor) -> Tensor:
-    """Signs from the model's per-position means (on [0, 1]): a flipped position's mean is ``1 - mean`` of its source."""
+    """Signs from the model's per-position means (on [0, 1]): a flipped position's mean is 1 - its source's."""
     src_mean = plain_mean[src]
     return torch.where((mean - (1 - src_mean)).abs() < (mean - src_mean).abs(), -1.0, 1.0).double()
 
@@ -274,7 +274,7 @@ def weights_only_attack(
     *,
     reference_model: nn.Module | None = None,
     reference_name: str = "plain model",
-    plain_images: int = 512,
+    plain_images: int = 256,
     restarts: int = 32,
     seed: int = 0,
 ) -> AttackReport:
