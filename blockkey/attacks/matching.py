@@ -66,19 +66,31 @@ def _swap_gains(a: Tensor, b: Tensor, pi: Tensor) -> Tensor:
     return 2 * (d - corr_i - corr_j) + (ad[:, None] - ad[None, :]) * (bd[None, :] - bd[:, None])
 
 
-def match_objective(a: Tensor, w: Tensor, b: Tensor, pi: Tensor) -> float:
-    """``sum 2 a b_pi - w b_pi^2`` (``b_pi = b[pi][:, pi]``): ``-sum w (a - b_pi)^2`` up to a constant."""
+def match_objective(a: Tensor, w: Tensor, b: Tensor, pi: Tensor, lin: Tensor | None = None) -> float:
+    """``sum 2 a b_pi - w b_pi^2`` (``b_pi = b[pi][:, pi]``): ``-sum w (a - b_pi)^2`` up to a constant;
+    plus ``sum_k lin[k, pi[k]]`` when a linear term is given."""
     bp = b[pi][:, pi]
-    return float((2 * a * bp - w * bp * bp).sum())
+    f = float((2 * a * bp - w * bp * bp).sum())
+    return f + (float(lin[torch.arange(len(pi)), pi].sum()) if lin is not None else 0.0)
 
 
-def _ascend(a: Tensor, w: Tensor, b: Tensor, pi: Tensor) -> Tensor:
+def _linear_gains(lin: Tensor, pi: Tensor) -> Tensor:
+    """``gain[i, j]``: the change of ``sum_k lin[k, pi[k]]`` when ``pi[i]`` and ``pi[j]`` swap."""
+    lp = lin[:, pi]  # lp[i, j] = lin[i, pi[j]]
+    d = lp.diagonal()
+    return lp + lp.T - d[:, None] - d[None, :]
+
+
+def _ascend(a: Tensor, w: Tensor, b: Tensor, pi: Tensor, lin: Tensor | None = None) -> Tensor:
     """Steepest-ascent pairwise swaps for ``-sum w[k, l] (a[k, l] - b[pi[k], pi[l]])^2`` (up to a constant:
-    ``2 a b_pi - w b_pi^2``); ``w`` masks the pairs that were observed. All n^2 swap gains per step."""
+    ``2 a b_pi - w b_pi^2``) plus the optional linear term; ``w`` masks the pairs that were observed.
+    All n^2 swap gains per step."""
     n = a.shape[0]
     b2 = b * b
     for _ in range(20 * n):
         gain = 2 * _swap_gains(a, b, pi) - _swap_gains(w, b2, pi)
+        if lin is not None:
+            gain = gain + _linear_gains(lin, pi)
         gain.fill_diagonal_(0)
         v, flat = gain.flatten().max(0)
         if float(v) <= 1e-9:
@@ -98,12 +110,14 @@ def match(
     *,
     kicks: int = 0,
     kick_size: int = 3,
+    lin: Tensor | None = None,
 ) -> Tensor:
     """``pi`` minimising ``sum (a[k, l] - b[pi[k], pi[l]])^2`` over the ``observed`` rows/columns of ``a``
     (a quadratic assignment; symmetric ``a``, ``b``). Starts: the sorted-row signature (exact, then
     perturbed) and random permutations (which matter when only part of ``a`` is observed); each start is
     improved by steepest-ascent swaps. ``kicks`` > 0 then runs iterated local search from the best:
-    ``kick_size`` random swaps, ascent, kept if the objective rises."""
+    ``kick_size`` random swaps, ascent, kept if the objective rises. ``lin[k, j]`` adds a reward for
+    ``pi[k] = j`` (e.g. a constraint known from elsewhere)."""
     n = a.shape[0]
     obs = torch.ones(n, dtype=torch.float64) if observed is None else observed.to(torch.float64)
     w = obs[:, None] * obs[None, :]
@@ -115,8 +129,8 @@ def match(
             start = _signature_start(a, b, rng, 0.05)
         else:
             start = torch.tensor(rng.sample(range(n), n))
-        pi = _ascend(a, w, b, start)
-        f = match_objective(a, w, b, pi)
+        pi = _ascend(a, w, b, start, lin)
+        f = match_objective(a, w, b, pi, lin)
         if f > best_f:
             best, best_f = pi, f
     assert best is not None
@@ -125,8 +139,8 @@ def match(
         for _ in range(kick_size):
             i, j = rng.sample(range(n), 2)
             pi[i], pi[j] = pi[j].clone(), pi[i].clone()
-        pi = _ascend(a, w, b, pi)
-        f = match_objective(a, w, b, pi)
+        pi = _ascend(a, w, b, pi, lin)
+        f = match_objective(a, w, b, pi, lin)
         if f > best_f:
             best, best_f = pi, f
     return best

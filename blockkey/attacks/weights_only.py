@@ -96,9 +96,9 @@ def ffx_positions(w: Tensor) -> Tensor:
     return out
 
 
-def _pixel_groups(a: Tensor, clear: Tensor, c: int) -> list[list[int]]:
+def _pixel_groups(a: Tensor, clear: Tensor, c: int, chan: Tensor | None = None) -> list[list[int]]:
     """Greedy partition of the clear positions into groups of at most ``c`` (one pixel's channels),
-    joining the most correlated pairs first."""
+    joining the most correlated pairs first (never two of one channel when ``chan`` labels are known)."""
     idx = torch.nonzero(clear).flatten().tolist()
     n_groups = -(-len(idx) // c)
     sub = a[idx][:, idx]
@@ -109,6 +109,12 @@ def _pixel_groups(a: Tensor, clear: Tensor, c: int) -> list[list[int]]:
     for t in order.tolist():
         k, j = idx[int(iu[0, t])], idx[int(iu[1, t])]
         gk, gj = group_of.get(k), group_of.get(j)
+        if chan is not None and (
+            chan[k] == chan[j]
+            or (gj is not None and any(chan[x] == chan[k] for x in groups[gj]))
+            or (gk is not None and any(chan[x] == chan[j] for x in groups[gk]))
+        ):
+            continue
         if gk is None and gj is None and len(groups) < n_groups:
             groups.append([k, j])
             group_of[k] = group_of[j] = len(groups) - 1
@@ -142,10 +148,12 @@ def _consistent_channels(a: Tensor, groups: list[list[int]], link: Tensor) -> li
     return [out[i] for i in range(len(groups))]
 
 
-def _hierarchical_match(a: Tensor, b: Tensor, clear: Tensor, c: int, rng: random.Random, restarts: int) -> Tensor:
+def _hierarchical_match(
+    a: Tensor, b: Tensor, clear: Tensor, c: int, rng: random.Random, restarts: int, chan: Tensor | None
+) -> Tensor:
     length = a.shape[0]
     cells = length // c
-    groups = _pixel_groups(a, clear, c)
+    groups = _pixel_groups(a, clear, c, chan)
     link = torch.zeros(cells, cells, dtype=a.dtype)
     for i, gi in enumerate(groups):
         for j, gj in enumerate(groups):
@@ -154,32 +162,49 @@ def _hierarchical_match(a: Tensor, b: Tensor, clear: Tensor, c: int, rng: random
     ref = b.view(cells, c, cells, c).mean((1, 3)).clone().fill_diagonal_(0)
     observed = torch.arange(cells) < len(groups)
     cell = match(link, ref, restarts, rng, observed=observed, kicks=restarts)
-    groups = _consistent_channels(a, groups, link[: len(groups), : len(groups)])
+    lin = _channel_bonus(a, chan, c)
+    if chan is None:
+        groups = _consistent_channels(a, groups, link[: len(groups), : len(groups)])
+        orders = list(itertools.permutations(range(c)))  # the one channel order consistency leaves open
+    else:
+        orders = [()]
     w = (clear[:, None] & clear[None, :]).to(a.dtype)
     best, best_f = None, -float("inf")
-    for chan in itertools.permutations(range(c)):  # the one channel order consistency leaves open
+    for order in orders:
         src = torch.full((length,), -1, dtype=torch.long)
         for i, g in enumerate(groups):
             for ch, k in enumerate(g):
-                src[k] = int(cell[i]) * c + chan[ch]
+                src[k] = int(cell[i]) * c + (order[ch] if chan is None else int(chan[k]))
         free = [j for j in range(length) if j not in set(src.tolist())]
         src[src < 0] = torch.tensor(free[: int((src < 0).sum())], dtype=torch.long)
-        src = _ascend(a * w, w, b, src)
-        f = match_objective(a * w, w, b, src)
+        src = _ascend(a * w, w, b, src, lin)
+        f = match_objective(a * w, w, b, src, lin)
         if f > best_f:
             best, best_f = src, f
     assert best is not None
     return best
 
 
-def _match_positions(a: Tensor, b: Tensor, clear: Tensor, c: int, rng: random.Random, restarts: int) -> Tensor:
-    """The better (matching objective) of the hierarchical and the flat match of ``a`` to ``b``."""
+def _channel_bonus(a: Tensor, chan: Tensor | None, c: int) -> Tensor | None:
+    """A linear term that keeps each position on its known channel (outweighs any quadratic change)."""
+    if chan is None:
+        return None
+    agree = chan[:, None] == (torch.arange(a.shape[0]) % c)[None, :]
+    return torch.where(agree, 0.0, -4 * float(a.abs().sum()) - 1).to(a.dtype) * (chan >= 0)[:, None]
+
+
+def _match_positions(
+    a: Tensor, b: Tensor, clear: Tensor, c: int, rng: random.Random, restarts: int, chan: Tensor | None = None
+) -> Tensor:
+    """The better (matching objective) of the hierarchical and the flat match of ``a`` to ``b``; ``chan``:
+    each position's channel where known (-1 elsewhere)."""
     w = (clear[:, None] & clear[None, :]).to(a.dtype)
-    flat = match(a * w, b, restarts, rng, observed=clear)
+    lin = _channel_bonus(a, chan, c)
+    flat = match(a * w, b, restarts, rng, observed=clear, lin=lin)
     candidates = [flat]
     if c > 1 and int(clear.sum()) > c:
-        candidates.append(_hierarchical_match(a, b, clear, c, rng, restarts))
-    return max(candidates, key=lambda s: match_objective(a * w, w, b, s))
+        candidates.append(_hierarchical_match(a, b, clear, c, rng, restarts, chan))
+    return max(candidates, key=lambda s: match_objective(a * w, w, b, s, lin))
 
 
 def _spectral_signs(g: Tensor, ref: Tensor, src: Tensor, clear: Tensor) -> Tensor:
@@ -197,10 +222,18 @@ def _spectral_signs(g: Tensor, ref: Tensor, src: Tensor, clear: Tensor) -> Tenso
     return s if s[clear].sum() >= 0 else torch.where(clear, -s, s)
 
 
-def _stats_signs(mean: Tensor, plain_mean: Tensor, src: Tensor) -> Tensor:
-    """Signs from the model's per-position means (on [0, 1]): a flipped position's mean is 1 - its source's."""
-    src_mean = plain_mean[src]
-    return torch.where((mean - (1 - src_mean)).abs() < (mean - src_mean).abs(), -1.0, 1.0).double()
+def stats_signs_channels(stats: tuple[Tensor, Tensor, Tensor, Tensor], c: int) -> tuple[Tensor, Tensor]:
+    """Each position's sign and channel from the model's per-position normalisation statistics (mean, std on
+    [0, 1]; a flipped position has mean ``1 - mean`` of its source and the same std) against plain images'
+    per-channel statistics: the nearest of the ``2 c`` (sign, channel) predictions."""
+    mean, std, plain_mean, plain_std = stats
+    mu = plain_mean.view(-1, c).mean(0)
+    sd = plain_std.view(-1, c).mean(0)
+    pred_mean = torch.cat([mu, 1 - mu])  # (2c,): unflipped channels, then flipped
+    pred_std = torch.cat([sd, sd])
+    d = (mean[:, None] - pred_mean[None, :]) ** 2 + (std[:, None] - pred_std[None, :]) ** 2
+    best = d.argmin(1)
+    return torch.where(best >= c, -1.0, 1.0).double(), best % c
 
 
 def recover_key_weights_only(
@@ -210,24 +243,28 @@ def recover_key_weights_only(
     recipe: tuple[str, ...] | list[str],
     reference: Tensor,
     *,
-    means: tuple[Tensor, Tensor] | None = None,
+    stats: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     score: Callable[[BlockPlan], float] | None = None,
     restarts: int = 32,
     seed: int = 0,
 ) -> tuple[BlockPlan, dict[str, Any]]:
     """A key estimated from the stolen patch embedding ``weight`` (``(out, L)``, :func:`embedding_columns`)
     and a ``reference`` ``(L, L)`` structure (:func:`model_reference` or :func:`image_reference`).
-    ``means``: (the model's per-position means, plain images' per-position means), both on [0, 1], to read
-    the negpos signs from the normalisation statistics. ``score`` ranks the remaining candidates."""
+    ``stats``: (the model's per-position means and stds, plain images' per-position means and stds), all
+    on [0, 1], to read signs and channels from the normalisation statistics (:func:`stats_signs_channels`).
+    ``score`` ranks the remaining candidates."""
     c, length = channels, weight.shape[1]
     rng = random.Random(seed)
     info: dict[str, Any] = {}
     clear = ~ffx_positions(weight) if "ffx" in recipe else torch.ones(length, dtype=torch.bool)
     info["ffx_positions"] = int((~clear).sum())
     g = _unit(weight.T @ weight)
+    stat_sign, chan = stats_signs_channels(stats, c) if stats is not None else (None, None)
+    if chan is not None:
+        chan = torch.where(clear, chan, -1)
     src0 = torch.arange(length)
     if "shuffle" in recipe:
-        src0 = _match_positions(g.abs(), reference.abs(), clear, c, rng, restarts)
+        src0 = _match_positions(g.abs(), reference.abs(), clear, c, rng, restarts, chan)
 
     def variant(cell_sym: Tensor | None) -> Tensor:
         return src0 if cell_sym is None else cell_sym[src0 // c] * c + src0 % c
@@ -238,8 +275,8 @@ def recover_key_weights_only(
         src = variant(sym)
         if "negpos" not in recipe:
             sign_options = [torch.ones(length, dtype=torch.float64)]
-        elif means is not None:
-            sign_options = [_stats_signs(means[0], means[1], src)]
+        elif stat_sign is not None:
+            sign_options = [torch.where(clear, stat_sign, 1.0)]
         else:
             s = _spectral_signs(g, reference, src, clear)
             sign_options = [s, torch.where(clear, -s, s)]
@@ -275,13 +312,15 @@ def weights_only_attack(
     reference_model: nn.Module | None = None,
     reference_name: str = "plain model",
     plain_images: int = 256,
+    stats_images: int = 5000,
     restarts: int = 32,
     seed: int = 0,
 ) -> AttackReport:
     """The key from the stolen weights alone, against each reference (plain images' partial correlations;
     ``reference_model``, a plain model the thief trained, when given) with and without the normalisation
-    statistics for the signs. ``plain_images`` unlabelled plain images (from ``train``) build the image
-    reference and decide the grid's symmetries by the stolen model's confidence."""
+    statistics (signs and channels; ``stats_images`` unlabelled plain images give the plain statistics).
+    ``plain_images`` unlabelled plain images (from ``train``) build the image reference and decide the
+    grid's symmetries by the stolen model's confidence."""
     t_start = time.perf_counter()
     key = target.key
     m, c = key.block_size, key.channels
@@ -291,25 +330,26 @@ def weights_only_attack(
     score = _confidence_scorer(target, plain)
     weight = embedding_columns(target.model, m)
     length = m * m * c
-    model_means = target.normalize.per_position(m, c)[0] if target.normalize is not None else None
-    plain_means = to_blocks(plain.images.long(), m).reshape(-1, length).double().mean(0) / PIXEL_MAX
+    model_stats = target.normalize.per_position(m, c) if target.normalize is not None else None
+    pool = to_blocks(train.images[order[:stats_images]].long(), m).reshape(-1, length).double() / PIXEL_MAX
+    plain_stats = (pool.mean(0), pool.std(0))
     refs = [("plain images (no training)", image_reference(plain.images, m))]
     if reference_model is not None:
         refs.append((reference_name, model_reference(reference_model, m)))
-    stats_options: list[bool] = [False] + ([True] if "negpos" in key.recipe and model_means is not None else [])
+    stats_options: list[bool] = [False] + ([True] if model_stats is not None else [])
     rows = []
     for ref_name, ref in refs:
         for use_stats in stats_options:
             t0 = time.perf_counter()
-            means = (model_means, plain_means) if use_stats and model_means is not None else None
+            stats = (*model_stats, *plain_stats) if use_stats and model_stats is not None else None
             plan, info = recover_key_weights_only(
-                weight, m, c, key.recipe, ref, means=means, score=score, restarts=restarts, seed=seed
+                weight, m, c, key.recipe, ref, stats=stats, score=score, restarts=restarts, seed=seed
             )
             seconds = time.perf_counter() - t0
             best = max(_clear_agreement(p, true_plan)["clear_source_fraction"] for p in info["all_candidates"])
             rows.append(
                 {
-                    "setting": f"reference: {ref_name}" + (", signs from normalisation" if use_stats else ""),
+                    "setting": f"reference: {ref_name}" + (", normalisation statistics" if use_stats else ""),
                     "attacker_accuracy": accuracy(target, KeyedTransform(plan)),
                     **key_agreement(plan, true_plan),
                     **_clear_agreement(plan, true_plan),
