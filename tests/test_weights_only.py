@@ -18,6 +18,7 @@ from blockkey.attacks.weights_only import (
     image_reference,
     model_reference,
     recover_key_weights_only,
+    stats_signs_channels,
 )
 from blockkey.checkpoint import load_model
 from blockkey.data import Normalize, load_demo
@@ -77,10 +78,15 @@ def test_negpos_signs_from_the_weights_and_from_the_statistics():
     _, info = recover_key_weights_only(w, 4, 3, key.recipe, image_reference(plain, 4))
     assert any(torch.equal(p.codes, true.codes) for p in info["all_candidates"])
     assert info["candidates"] == 2
-    # from the per-position normalisation means that ship with the model: exact, one candidate
-    means = (victim_norm.per_position(4, 3)[0], plain.double().mean((0, 2, 3)).repeat(16) / 255)
-    plan, info = recover_key_weights_only(w, 4, 3, key.recipe, image_reference(plain, 4), means=means)
+    # from the per-position normalisation statistics that ship with the model: exact, one candidate
+    blocks = plain.long().unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 4, 5, 1).reshape(-1, 48).double() / 255
+    stats = (*victim_norm.per_position(4, 3), blocks.mean(0), blocks.std(0))
+    plan, info = recover_key_weights_only(w, 4, 3, key.recipe, image_reference(plain, 4), stats=stats)
     assert torch.equal(plan.codes, true.codes) and info["candidates"] == 1
+    sign, chan = stats_signs_channels(stats, 3)
+    assert torch.equal(sign, torch.where(true.codes[:, 0] == 255, -1.0, 1.0).double())
+    # blue stands apart (mean 0.45 against 0.48-0.49 for red and green: those need thousands of images)
+    assert torch.equal(chan == 2, torch.arange(48) % 3 == 2)
 
 
 def test_ffx_positions_are_the_short_columns():
@@ -143,7 +149,7 @@ def test_cli(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["attack"] == "weights-only" and len(doc["rows"]) == 4
     by = {r["setting"]: r for r in doc["rows"]}
-    exact = by[f"reference: plain model {tmp_path / 'plain'}, signs from normalisation"]
+    exact = by[f"reference: plain model {tmp_path / 'plain'}, normalisation statistics"]
     # the victim's columns are exactly the reference's, permuted: some grid symmetry is the key itself
     assert exact["best_candidate_clear_source_fraction"] == 1.0 and exact["clear_sign_fraction"] == 1.0
     assert main([str(a) for a in [*base, "--reference", tmp_path / "v"]]) == 2
