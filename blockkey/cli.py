@@ -503,6 +503,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
         report = finetune_attack(
             target, args.model, train, args.fractions, args.output, epochs=args.epochs, seed=args.seed
         )
+    elif args.attack == "weights-only":
+        from .attacks.weights_only import weights_only_attack
+
+        ref, ref_meta = load_model(args.reference) if args.reference else (None, {})
+        if ref_meta.get("key") is not None:
+            raise BlockkeyError(f"--reference {args.reference} is protected; the reference must be a plain model")
+        report = weights_only_attack(target, train, reference_model=ref, reference_name=f"plain model {args.reference}")
     else:
         from .attacks.adapter import adapter_attack
 
@@ -783,6 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
             "fine-tune",
             "adapter",
             "inner-align",
+            "weights-only",
         ],
         help="attack to run",
     )
@@ -803,6 +811,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--epochs", type=int, default=30, help="adapter, fine-tune: training epochs (default %(default)s)")
     sp.add_argument("-o", "--output", help="fine-tune: folder for the attacker's runs")
+    sp.add_argument(
+        "--reference", metavar="RUN_DIR", help="weights-only: a plain model the attacker trained (same patch size)"
+    )
     sp.add_argument("--keys", type=int, default=100, help="random-keys, key-search: random keys to draw")
     sp.add_argument("--iterations", type=int, default=2000, help="key-search: hill-climbing moves")
     sp.add_argument("--batch", type=int, default=256, help="random-keys, key-search: labelled images to score on")
