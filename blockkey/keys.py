@@ -42,6 +42,8 @@ __all__ = [
 KEY_FORMAT = "blockkey.keyset"
 KEY_FORMAT_VERSION = 1
 LAYOUT = "row,col,channel"
+#: Largest block vector L = M*M*C a key may cover (e.g. 128x128 blocks of 4 channels); see docs/reliability.md.
+MAX_BLOCK_LEN = 65536
 #: scrypt cost parameters for :meth:`KeySet.derive` (about 32 MiB and 0.1 s per derivation).
 SCRYPT_PARAMS = {"n": 2**15, "r": 8, "p": 1}
 _PASSWORD_ALPHABET = string.digits + string.ascii_lowercase
@@ -284,9 +286,7 @@ class KeySet:
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        for name, v in (("block_size", self.block_size), ("channels", self.channels)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise KeyFileError(f"{name} must be a positive integer; got {v!r}")
+        _block_len(self.block_size, self.channels)
         if not self.steps:
             raise KeyFileError("a key set needs at least one step")
         object.__setattr__(self, "steps", tuple(self.steps))
@@ -498,7 +498,13 @@ def _block_len(block_size: int, channels: int) -> int:
     for name, v in (("block_size", block_size), ("channels", channels)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise KeyFileError(f"{name} must be a positive integer; got {v!r}")
-    return block_size * block_size * channels
+    length = block_size * block_size * channels
+    if length > MAX_BLOCK_LEN:
+        raise KeyFileError(
+            f"a {block_size}x{block_size} block of {channels} channels holds {length} values; a key covers at most "
+            f"{MAX_BLOCK_LEN} (its permutation, masks and per-position tables grow with it)"
+        )
+    return length
 
 
 def _int_list(where: str, name: str, value: Any) -> tuple[int, ...]:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from . import argtypes as at
 from .checkpoint import (
     META_FORMAT,
     META_VERSION,
@@ -38,7 +39,7 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .data import BatchLoader, Data, DataError, Normalize, StreamLoader, make_loader
-from .errors import BlockkeyError, ShapeError
+from .errors import BlockkeyError, OptionError, ShapeError
 from .keys import KeySet
 from .models import create_model
 from .passport import PassportError, Passports, passport_layers, sign_loss
@@ -68,6 +69,26 @@ class TrainConfig:
     init_from: str | None = None  # a run directory whose weights start training (fine-tuning)
     train_layers: str = "all"  # all | first (the first layer with weights) | last (the last one: the head)
     sign_loss: float = 1.0  # weight of the passport sign loss (passport models only)
+
+    def __post_init__(self) -> None:
+        """Every field in its range (:class:`~blockkey.errors.OptionError` names the first one that is not)."""
+        at.EPOCHS.check("epochs", self.epochs)
+        at.BATCH_SIZE.check("batch_size", self.batch_size)
+        at.LEARNING_RATE.check("lr", self.lr)
+        at.PROBABILITY.check("momentum", self.momentum)
+        at.NON_NEGATIVE.check("weight_decay", self.weight_decay)
+        at.PROBABILITY.check("label_smoothing", self.label_smoothing)
+        at.PEAK.check("peak", self.peak)
+        at.SEED.check("seed", self.seed)
+        at.NON_NEGATIVE_INT.check("crop_padding", self.crop_padding)
+        at.NON_NEGATIVE.check("sign_loss", self.sign_loss)
+        for name, value, allowed in (
+            ("amp", self.amp, ("auto", "bf16", "fp16", "off")),
+            ("norm", self.norm, ("channel", "position", "none")),
+            ("train_layers", self.train_layers, ("all", "first", "last")),
+        ):
+            if value not in allowed:
+                raise OptionError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -219,6 +240,20 @@ def predict_accuracy(
     return correct / max(1, total)
 
 
+def check_training_data(train: Data) -> None:
+    """Refuse training data that cannot train a classifier: no images, or classes without any image."""
+    if len(train) == 0:
+        raise DataError("no training images left (too few images for the validation share, --limit or fraction)")
+    present = set(torch.unique(train.labels).tolist())
+    missing = [c for i, c in enumerate(train.classes) if i not in present]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise DataError(
+            f"{len(train)} training images leave {len(missing)} of {len(train.classes)} classes without any "
+            f"({shown}); give more images (each class needs at least one after the validation split)"
+        )
+
+
 def fit(
     train: Data,
     val: Data | None,
@@ -269,6 +304,7 @@ def _fit(
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     say = log if dist.main else (lambda s: None)
+    check_training_data(train)
     if key is not None and train.image_shape[0] != key.channels:
         raise ShapeError(f"the key is for {key.channels}-channel images; the data has {train.image_shape[0]}")
     if key is not None and (train.image_shape[1] % key.block_size or train.image_shape[2] % key.block_size):
