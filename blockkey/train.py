@@ -137,6 +137,22 @@ def freeze_except(model: nn.Module, which: str) -> None:
         p.requires_grad_(True)
 
 
+def _probe(model: nn.Module, image_shape: tuple[int, int, int], name: str) -> None:
+    """One forward pass of two blank images: a model that cannot take this image size says so up front."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *image_shape))
+    except RuntimeError as e:
+        c, h, w = image_shape
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ShapeError(
+            f"{name} cannot take {c}x{h}x{w} images ({first}); use larger images or another model"
+        ) from None
+    finally:
+        model.train()
+
+
 def _init_from(model: nn.Module, cfg: TrainConfig, classes: tuple[str, ...]) -> None:
     from .checkpoint import read_meta
 
@@ -340,6 +356,7 @@ def _fit(
         passports.attach(model)
     elif has_passport_layers:
         raise PassportError(f"{cfg.model} {cfg.model_kwargs} has passport layers: give it passports")
+    _probe(model, train.image_shape, cfg.model)
     freeze_except(model, cfg.train_layers)
     model = model.to(device)
     if cfg.channels_last:
