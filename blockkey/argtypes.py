@@ -63,9 +63,9 @@ def _named(name: str, text: str) -> str:
 class Int:
     """Integers in ``lo..hi`` (``hi=None``: no upper bound); ``why`` explains the bound in messages."""
 
-    def __init__(self, lo: int, hi: int | None = None, why: str = "") -> None:
+    def __init__(self, lo: int, hi: int | None = None, why: str = "", hi_text: str = "") -> None:
         self.lo, self.hi, self.why = lo, hi, why
-        self.range = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
+        self.range = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi_text or hi}"
         self.__name__ = "integer"  # argparse names the type in some messages
 
     def check(self, name: str, value: Any) -> int:
@@ -142,7 +142,7 @@ COUNT = Int(1)
 NON_NEGATIVE_INT = Int(0)
 EPOCHS = Int(1)
 BATCH_SIZE = Int(2, why="batch norm needs at least 2 images per training batch")
-SEED = Int(0, MAX_SEED)
+SEED = Int(0, MAX_SEED, hi_text="2^63-1")
 BLOCK_SIZE = Int(1, 256, "a block holds at most 65536 values; see docs/reliability.md")
 CHANNELS = Int(1, 16)
 IMAGE_SIZE = Int(1, 4096, "images are decoded at SIZE x SIZE in memory")

@@ -42,6 +42,8 @@ ALWAYS = {
     "evaluate": {"--wrong-keys"},
     "attack": {"--epochs", "--pairs", "--images", "--keys", "--iterations"},
 }
+GOOD = {"--limit": "300", "--batch-size": "8", "--batch": "8", "--sample": "6", "--block-size": "4", "--patch": "4"}
+GOOD |= {"--fractions": "1.0", "--stream": "16", "--wrong-keys": "1"}
 OUT = "@OUT@/"  # replaced by a fresh folder for each example
 KEEP = "@KEEP@"  # an existing input given as an output: --force is then left out (it may replace it)
 ERROR_LINE = re.compile(r"^blockkey( [a-z-]+)?: error: \S")
@@ -139,17 +141,24 @@ def _kind(action: argparse.Action) -> str:
 
 
 def _values(action: argparse.Action, pool: dict[str, list[str]]) -> st.SearchStrategy[list[str]]:
+    """Two times in three a good value (so that runs get through to a result), else any value of the kind."""
+    flag = action.option_strings[-1] if action.option_strings else action.dest
     if isinstance(action.type, (at.Int, at.Float)):
         one = _numbers(action.type)
+        good = GOOD.get(flag, str(action.type.lo) if isinstance(action.type, at.Int) else "0.5")
     elif action.choices:
         one = st.sampled_from([*map(str, action.choices), "bogus", ""])
+        good = str(next(iter(action.choices)))
     elif action.type is at.output_path:
         outs = [f"{OUT}o", f"{OUT}o.png", f"{OUT}o.json", f"{OUT}o.jpg", str(Path(pool["key"][0]) / "below"), ""]
         one = st.sampled_from([*outs, KEEP + pool["key"][0], KEEP + pool["image"][0]])
+        good = f"{OUT}o.png" if flag == "--plot" else f"{OUT}o.json" if "JSON" in (action.help or "") else f"{OUT}o"
     else:
         one = st.sampled_from(pool[_kind(action)])
+        good = pool[_kind(action)][0]
+    one = st.one_of(st.just(good), st.just(good), one)
     if action.nargs == "+":
-        return st.lists(one, min_size=0, max_size=2)
+        return st.lists(one, min_size=1, max_size=2, unique=True)
     return one.map(lambda v: [v])
 
 
@@ -158,11 +167,12 @@ def argv_for(draw, command: str, sub: argparse.ArgumentParser, pool: dict[str, l
     """Positionals in order, each option present or not (required ones almost always, as one token pair)."""
     args: list[str] = [command]
     opts: list[list[str]] = []
+    chosen = {id(draw(st.sampled_from(g._group_actions))) for g in sub._mutually_exclusive_groups if g.required}
     for action in sub._actions:
         if isinstance(action, argparse._HelpAction):
             continue
         flag = action.option_strings[-1] if action.option_strings else None
-        wanted = action.required or flag in ALWAYS.get(command, ())
+        wanted = action.required or flag in ALWAYS.get(command, ()) or id(action) in chosen
         if flag is not None and not draw(st.booleans() if not wanted else st.sampled_from([True] * 9 + [False])):
             continue
         if isinstance(action, argparse._StoreTrueAction):
