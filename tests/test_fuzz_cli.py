@@ -38,7 +38,7 @@ COST = {"demo": "slow", "tour": "slow", "train": "train", "evaluate": "train", "
 # Options drawn on every example of a command because their defaults are long runs (demo: 8,000 images).
 ALWAYS = {
     "demo": {"--epochs", "--limit"},
-    "train": {"--epochs"},
+    "train": {"--epochs", "--batch-size"},
     "evaluate": {"--wrong-keys"},
     "attack": {"--epochs", "--pairs", "--images", "--keys", "--iterations"},
 }
@@ -164,16 +164,19 @@ def _values(action: argparse.Action, pool: dict[str, list[str]]) -> st.SearchStr
 
 @st.composite
 def argv_for(draw, command: str, sub: argparse.ArgumentParser, pool: dict[str, list[str]]) -> list[str]:
-    """Positionals in order, each option present or not (required ones almost always, as one token pair)."""
+    """Positionals in order; required options (and one of each required group) 9 times in 10, others 1 in 3."""
     args: list[str] = [command]
     opts: list[list[str]] = []
-    chosen = {id(draw(st.sampled_from(g._group_actions))) for g in sub._mutually_exclusive_groups if g.required}
+    groups = [g._group_actions for g in sub._mutually_exclusive_groups if g.required]
+    chosen = {id(draw(st.sampled_from(g))) for g in groups}
+    others = {id(a) for g in groups for a in g} - chosen
     for action in sub._actions:
         if isinstance(action, argparse._HelpAction):
             continue
         flag = action.option_strings[-1] if action.option_strings else None
         wanted = action.required or flag in ALWAYS.get(command, ()) or id(action) in chosen
-        if flag is not None and not draw(st.booleans() if not wanted else st.sampled_from([True] * 9 + [False])):
+        odds = [True] * 9 + [False] if wanted else [True] + [False] * (9 if id(action) in others else 2)
+        if flag is not None and not draw(st.sampled_from(odds)):
             continue
         if isinstance(action, argparse._StoreTrueAction):
             opts.append([flag])
