@@ -109,8 +109,8 @@ def trained(tmp_path_factory):
     """A small passport ResNet-18 trained on the toy colour task: run dir, its passports, validation data.
 
     30 epochs at lr 0.02: the sign loss slows learning, and 8 epochs at 0.01 left one class unlearnt
-    (66.7%) on some CPUs, seeds and thread counts. This schedule reached 100% on every one checked
-    (seeds 0-5; ATEN_CPU_CAPABILITY avx2 and avx512; 1 and 2 threads; docs/reliability.md).
+    (66.7%) on some CPUs, seeds and thread counts. This schedule reached 100% in every case checked
+    (seeds 0-3 x ATEN_CPU_CAPABILITY avx2/avx512 x 1/2 threads, and seeds 4-5; docs/reliability.md).
     """
     tmp = tmp_path_factory.mktemp("passport")
     train, val = stratified_split(colour_data(60, size=16), 0.25, 0)
@@ -129,9 +129,11 @@ def test_correct_passports_work_forged_ones_collapse_and_signature_is_embedded(t
     assert correct["setting"] == "correct passports" and correct["accuracy"] > 0.9
     assert correct["signature_match"] == 1.0  # the sign loss embedded every bit
     # 3 classes (chance 33%); on this easy toy the shortcut paths around the last stage keep some accuracy
-    # (a forged set now and then leaves it intact; the mean over 10 ranged 37-81% across CPUs and seeds),
-    # so what is asserted is that forged passports can take the model down: the worst of 10 (33-44% seen).
-    assert forged["min"] <= correct["accuracy"] - 0.4
+    # (a forged set now and then leaves it intact: the mean over 10 ranged 33-90% across CPUs, threads and
+    # seeds), so what is asserted is that forged passports lose accuracy on average and that they can take
+    # the model down: the worst of 10 forged sets was at most 66.7% (often chance) in every case checked.
+    assert forged["accuracy"] < correct["accuracy"]
+    assert forged["min"] <= correct["accuracy"] - 0.3
     assert 0.3 < forged["signature_match"] < 0.7  # forged passports reproduce about half the bits
 
 
