@@ -110,7 +110,7 @@ def trained(tmp_path_factory):
 
     30 epochs at lr 0.02: the sign loss slows learning, and 8 epochs at 0.01 left one class unlearnt
     (66.7%) on some CPUs, seeds and thread counts. This schedule reached 100% in every case checked
-    (seeds 0-3 x ATEN_CPU_CAPABILITY avx2/avx512 x 1/2 threads, and seeds 4-5; docs/reliability.md).
+    (15 of seeds 0-3 x ATEN_CPU_CAPABILITY avx2/avx512 x 1/2 threads, and seeds 4-5; docs/reliability.md).
     """
     tmp = tmp_path_factory.mktemp("passport")
     train, val = stratified_split(colour_data(60, size=16), 0.25, 0)
