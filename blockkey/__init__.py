@@ -6,7 +6,7 @@ Unauthorized Access" (APSIPA Trans. 2021, arXiv 2105.14756) on current PyTorch.
 
 from __future__ import annotations
 
-from .errors import BlockkeyError, ImageFileError, KeyFileError, KeyMismatchError, ShapeError
+from .errors import BlockkeyError, ImageFileError, KeyFileError, KeyMismatchError, OptionError, ShapeError
 from .functional import Plan, compile_plan, decrypt, decrypt_codes, encrypt, encrypt_codes
 from .keys import FFX, KeySet, NegPos, Shuffle
 from .transforms import KeyedTransform
@@ -34,6 +34,7 @@ __all__ = [
     "KeySet",
     "KeyedTransform",
     "NegPos",
+    "OptionError",
     "Plan",
     "Predictor",
     "ShapeError",

@@ -114,3 +114,5 @@ def clear_states(run_dir: Path) -> None:
     for p in run_dir.glob("state-*"):
         shutil.rmtree(p, ignore_errors=True)
     (run_dir / "LATEST").unlink(missing_ok=True)
+    for p in run_dir.glob(".*.tmp*"):  # left by a process killed while writing (kill -9, power loss)
+        p.unlink(missing_ok=True)

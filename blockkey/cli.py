@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from . import argtypes as at
 from .errors import BlockkeyError, ImageFileError, KeyMismatchError
 from .imageio import check_output_suffix, read_codes, read_image, sample_image, write_png
 from .keys import KeySet, parse_recipe, refuse_foreign_key
@@ -459,13 +460,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
     data = _load_data(spec, train=True, root=args.data_root)
     if isinstance(data, ImageFolderStream):
         raise BlockkeyError("attacks need the images in memory; streamed datasets (--stream) are not supported")
-    counts = {"--pairs": args.pairs, "--images": args.images, "--keys": [args.keys], "--batch": [args.batch]}
-    counts |= {"--iterations": [args.iterations], "--epochs": [args.epochs]}
-    for flag, values in counts.items():
-        if any(v < 1 for v in values):
-            raise BlockkeyError(f"{flag} takes positive counts; got {' '.join(map(str, values))}")
-    if any(not 0 < f <= 1 for f in args.fractions):
-        raise BlockkeyError(f"--fractions are shares of the training data in (0, 1]; got {args.fractions}")
     from .evaluate import align_classes
 
     train, val = _run_split(align_classes(data, meta["classes"]), meta)
@@ -634,7 +628,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = at.Parser(
         prog="blockkey",
         description="Protect image classifiers with a secret key: block-wise keyed transforms.",
     )
@@ -648,38 +642,56 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = add("demo", "train a protected model and its non-protected twin on embedded CIFAR-10 images, compare")
-    sp.add_argument("-o", "--output", default="blockkey-demo", help="folder for the demo's runs (default %(default)s)")
+    sp.add_argument(
+        "-o",
+        "--output",
+        type=at.output_path,
+        default="blockkey-demo",
+        help="folder for the demo's runs (default %(default)s)",
+    )
     sp.add_argument(
         "--transforms", default="shuffle,negpos", help="recipe (default %(default)s; add ffx to see what FFX costs)"
     )
-    sp.add_argument("--block-size", type=int, default=4, help="block size M (default %(default)s)")
+    sp.add_argument(
+        "--block-size", type=at.BLOCK_SIZE, default=4, help="block size M, dividing 32 (default %(default)s)"
+    )
     sp.add_argument("--model", default="patchnet", help="architecture (default %(default)s)")
-    sp.add_argument("--epochs", type=int, default=6, help="epochs per model (default %(default)s)")
-    sp.add_argument("--wrong-keys", type=int, default=20, help="random wrong keys to try (default %(default)s)")
-    sp.add_argument("--limit", type=int, help="train on a stratified sample of N images (quick check)")
-    sp.add_argument("--device", default="auto")
+    sp.add_argument("--epochs", type=at.EPOCHS, default=6, help="epochs per model (default %(default)s)")
+    sp.add_argument(
+        "--wrong-keys", type=at.NON_NEGATIVE_INT, default=20, help="random wrong keys to try (default %(default)s)"
+    )
+    sp.add_argument("--limit", type=at.COUNT, help="train on a stratified sample of N images (quick check)")
+    sp.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     sp.set_defaults(func=cmd_demo)
 
     sp = add("tour", "the 60-second tour: make a key, encrypt the embedded sample, check the inverse")
-    sp.add_argument("-o", "--output", default="blockkey-tour", help="folder for the tour's files (default %(default)s)")
+    sp.add_argument(
+        "-o",
+        "--output",
+        type=at.output_path,
+        default="blockkey-tour",
+        help="folder for the tour's files (default %(default)s)",
+    )
     sp.add_argument("--transforms", default="shuffle,negpos,ffx", help="recipe (default %(default)s)")
-    sp.add_argument("--block-size", type=int, default=4, help="block size M (default %(default)s)")
+    sp.add_argument(
+        "--block-size", type=at.BLOCK_SIZE, default=4, help="block size M, dividing 32 (default %(default)s)"
+    )
     sp.set_defaults(func=cmd_tour)
 
     sp = add("keygen", "generate a key set (OS entropy) or derive one from a passphrase (scrypt)")
     sp.add_argument(
         "--transforms", required=True, help="ordered steps, e.g. shuffle,negpos,ffx (ffx-all: FFX on every position)"
     )
-    sp.add_argument("--block-size", type=int, required=True, help="block size M")
-    sp.add_argument("--channels", type=int, default=3, help="image channels C (default %(default)s)")
+    sp.add_argument("--block-size", type=at.BLOCK_SIZE, required=True, help="block size M (at most the image side)")
+    sp.add_argument("--channels", type=at.CHANNELS, default=3, help="image channels C (default %(default)s)")
     sp.add_argument("--passphrase", help="derive the key from this passphrase ('-' reads it from stdin)")
     sp.add_argument("--salt", help="hex salt for --passphrase (default: 16 random bytes, printed)")
-    sp.add_argument("-o", "--output", required=True, help="key file to write (JSON, mode 0600)")
+    sp.add_argument("-o", "--output", type=at.output_path, required=True, help="key file to write (JSON, mode 0600)")
     sp.add_argument("--force", action="store_true", help="overwrite an existing key file")
     sp.set_defaults(func=cmd_keygen)
 
     sp = add("info", "show a key file's recipe, fingerprint and key space")
-    sp.add_argument("key", help="key file")
+    sp.add_argument("key", type=at.existing_file, help="key file")
     sp.set_defaults(func=cmd_info)
 
     for name, func, what in (
@@ -687,9 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("decrypt", cmd_decrypt, "decrypt PNG ciphertexts back to the original pixels"),
     ):
         sp = add(name, what)
-        sp.add_argument("--key", required=True, help="key file")
-        sp.add_argument("inputs", nargs="+", metavar="IN", help="image files")
-        sp.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+        sp.add_argument("--key", type=at.existing_file, required=True, help="key file")
+        sp.add_argument("inputs", nargs="+", type=at.existing_file, metavar="IN", help="image files")
+        sp.add_argument("-o", "--output", type=at.output_path, required=True, metavar="OUTDIR", help="output folder")
         sp.add_argument("--force", action="store_true", help="overwrite existing output files")
         sp.add_argument(
             "--compat",
@@ -701,17 +713,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
 
     sp = add("show", "draw an image after each step of a key (original, steps, decrypted)")
-    sp.add_argument("--key", required=True, help="key file")
-    sp.add_argument("image", help="image file")
-    sp.add_argument("-o", "--output", required=True, help="PNG to write")
+    sp.add_argument("--key", type=at.existing_file, required=True, help="key file")
+    sp.add_argument("image", type=at.existing_file, help="image file")
+    sp.add_argument("-o", "--output", type=at.output_path, required=True, help="PNG to write")
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
     sp.set_defaults(func=cmd_show)
 
     sp = add("train", "train a protected model (--key) or its non-protected twin (--no-key)")
-    sp.add_argument("--data", required=True, help="cifar10, cifar100 or an ImageFolder directory")
-    sp.add_argument("--data-root", help="where torchvision datasets live / are downloaded")
+    sp.add_argument("--data", type=at.data_source, required=True, help="cifar10, cifar100 or an ImageFolder directory")
+    sp.add_argument("--data-root", type=at.output_path, help="where torchvision datasets live / are downloaded")
     g = sp.add_mutually_exclusive_group(required=True)
-    g.add_argument("--key", help="key file")
+    g.add_argument("--key", type=at.existing_file, help="key file")
     g.add_argument("--no-key", action="store_true", help="train the non-protected baseline")
     g.add_argument(
         "--protection",
@@ -720,22 +732,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--passport",
+        type=at.path_name,
         metavar="FILE",
         help="passports for --protection passport (default OUTPUT.passport; drawn and written 0600 if missing)",
     )
     sp.add_argument(
         "--model", default="fastnet", help="registered model or tv_<torchvision name> (default %(default)s)"
     )
-    sp.add_argument("--patch", type=int, default=4, help="patch size of block-aligned models without a key")
-    sp.add_argument("--epochs", type=int, default=10)
-    sp.add_argument("--batch-size", type=int, default=256)
-    sp.add_argument("--lr", type=float, default=0.2, help="peak learning rate (default %(default)s)")
-    sp.add_argument("--weight-decay", type=float, default=5e-4)
-    sp.add_argument("--label-smoothing", type=float, default=0.0)
+    sp.add_argument("--patch", type=at.BLOCK_SIZE, default=4, help="patch size of block-aligned models without a key")
+    sp.add_argument("--epochs", type=at.EPOCHS, default=10, help="(default %(default)s)")
+    sp.add_argument("--batch-size", type=at.BATCH_SIZE, default=256, help="(default %(default)s)")
+    sp.add_argument("--lr", type=at.LEARNING_RATE, default=0.2, help="peak learning rate (default %(default)s)")
+    sp.add_argument("--weight-decay", type=at.NON_NEGATIVE, default=5e-4, help="(default %(default)s)")
+    sp.add_argument("--label-smoothing", type=at.PROBABILITY, default=0.0, help="(default %(default)s)")
     sp.add_argument(
-        "--peak", type=float, default=0.2, help="LR peak as a fraction of training (0.5: the paper's cyclic)"
+        "--peak", type=at.PEAK, default=0.2, help="LR peak as a fraction of training (0.5: the paper's cyclic)"
     )
-    sp.add_argument("--seed", type=int, default=0, help="data order, augmentation, init and split (not the key)")
+    sp.add_argument("--seed", type=at.SEED, default=0, help="data order, augmentation, init and split (not the key)")
     sp.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
     sp.add_argument(
         "--norm",
@@ -743,40 +756,63 @@ def build_parser() -> argparse.ArgumentParser:
         default="channel",
         help="normalisation statistics (none: raw [0, 1] values, for tablenet)",
     )
-    sp.add_argument("--val-fraction", type=float, default=0.1, help="held-out validation share (default %(default)s)")
-    sp.add_argument("--limit", type=int, help="use a stratified random sample of N images (quick runs)")
-    sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    sp.add_argument(
+        "--val-fraction", type=at.PROBABILITY, default=0.1, help="held-out validation share (default %(default)s)"
+    )
+    sp.add_argument("--limit", type=at.COUNT, help="use a stratified random sample of N images (quick runs)")
+    sp.add_argument(
+        "--device", type=at.device, default="auto", help="cpu, cuda, cuda:1, mps (default: cuda if present)"
+    )
     sp.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTPUT")
     sp.add_argument(
-        "--stream", type=int, metavar="SIZE", help="data too large for memory: decode per batch at SIZE x SIZE"
+        "--stream",
+        type=at.IMAGE_SIZE,
+        metavar="SIZE",
+        help="data too large for memory: decode per batch at SIZE x SIZE",
     )
-    sp.add_argument("--workers", type=int, default=2, help="DataLoader workers for --stream (default %(default)s)")
-    sp.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run directory")
+    sp.add_argument(
+        "--workers", type=at.WORKERS, default=2, help="DataLoader workers for --stream (default %(default)s)"
+    )
+    sp.add_argument("-o", "--output", type=at.output_path, required=True, metavar="RUN_DIR", help="run directory")
     sp.set_defaults(func=cmd_train)
 
     sp = add("evaluate", "accuracy with the key, with plain images and with N random wrong keys")
-    sp.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory (model.safetensors + meta.json)")
-    sp.add_argument("--key", help="key file (omit to evaluate plain images and wrong keys only)")
-    sp.add_argument("--data", help="cifar10, cifar100 or an ImageFolder directory (default: the training source)")
-    sp.add_argument("--data-root", help="where torchvision datasets live / are downloaded")
+    sp.add_argument(
+        "--model",
+        type=at.path_name,
+        required=True,
+        metavar="RUN_DIR",
+        help="run directory (model.safetensors + meta.json)",
+    )
+    sp.add_argument("--key", type=at.existing_file, help="key file (omit to evaluate plain images and wrong keys only)")
+    sp.add_argument(
+        "--data",
+        type=at.data_source,
+        help="cifar10, cifar100 or an ImageFolder directory (default: the training source)",
+    )
+    sp.add_argument("--data-root", type=at.output_path, help="where torchvision datasets live / are downloaded")
     sp.add_argument(
         "--split",
         choices=["all", "val", "test"],
         default="all",
         help="all images of --data, the run's held-out validation split, or the torchvision test split",
     )
-    sp.add_argument("--passport", metavar="FILE", help="the passports of a passport model")
+    sp.add_argument("--passport", type=at.path_name, metavar="FILE", help="the passports of a passport model")
     sp.add_argument(
         "--wrong-keys",
-        type=int,
+        type=at.NON_NEGATIVE_INT,
         default=100,
         help="random wrong keys (forged passports for a passport model) to try (default %(default)s)",
     )
-    sp.add_argument("--sample", type=int, help="evaluate a stratified random sample of N images")
-    sp.add_argument("--plot", help="write a PNG bar plot here")
-    sp.add_argument("--stream", type=int, metavar="SIZE", help="decode per batch at SIZE x SIZE (default: as trained)")
-    sp.add_argument("--workers", type=int, default=2, help="DataLoader workers for --stream (default %(default)s)")
-    sp.add_argument("--device", default="auto")
+    sp.add_argument("--sample", type=at.COUNT, help="evaluate a stratified random sample of N images")
+    sp.add_argument("--plot", type=at.output_path, help="write a PNG bar plot here")
+    sp.add_argument(
+        "--stream", type=at.IMAGE_SIZE, metavar="SIZE", help="decode per batch at SIZE x SIZE (default: as trained)"
+    )
+    sp.add_argument(
+        "--workers", type=at.WORKERS, default=2, help="DataLoader workers for --stream (default %(default)s)"
+    )
+    sp.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     sp.set_defaults(func=cmd_evaluate)
 
     sp = add("attack", "attack a protected model without its key (the key only scores the result)")
@@ -794,52 +830,75 @@ def build_parser() -> argparse.ArgumentParser:
         ],
         help="attack to run",
     )
-    sp.add_argument("--model", required=True, metavar="RUN_DIR", help="the stolen model's run directory")
-    sp.add_argument("--key", required=True, help="the model's true key (to score recovery and the key holder)")
-    sp.add_argument("--data", help="the run's data source (default: as recorded); its split is recomputed")
-    sp.add_argument("--data-root", help="where torchvision datasets live / are downloaded")
-    sp.add_argument("--pairs", type=int, nargs="+", default=[1, 2, 4], help="known-plaintext: pairs per try")
     sp.add_argument(
-        "--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.1], help="adapter: labelled data fractions"
+        "--model", type=at.path_name, required=True, metavar="RUN_DIR", help="the stolen model's run directory"
+    )
+    sp.add_argument(
+        "--key",
+        type=at.existing_file,
+        required=True,
+        help="the model's true key (to score recovery and the key holder)",
+    )
+    sp.add_argument(
+        "--data", type=at.data_source, help="the run's data source (default: as recorded); its split is recomputed"
+    )
+    sp.add_argument("--data-root", type=at.output_path, help="where torchvision datasets live / are downloaded")
+    sp.add_argument("--pairs", type=at.COUNT, nargs="+", default=[1, 2, 4], help="known-plaintext: pairs per try")
+    sp.add_argument(
+        "--fractions", type=at.FRACTION, nargs="+", default=[0.01, 0.05, 0.1], help="adapter: labelled data fractions"
     )
     sp.add_argument(
         "--images",
-        type=int,
+        type=at.COUNT,
         nargs="+",
         default=[100, 1000],
         help="ciphertext-only: transformed images seen; inner-align: labelled plain images used",
     )
-    sp.add_argument("--epochs", type=int, default=30, help="adapter, fine-tune: training epochs (default %(default)s)")
-    sp.add_argument("-o", "--output", help="fine-tune: folder for the attacker's runs")
     sp.add_argument(
-        "--reference", metavar="RUN_DIR", help="weights-only: a plain model the attacker trained (same patch size)"
+        "--epochs", type=at.EPOCHS, default=30, help="adapter, fine-tune: training epochs (default %(default)s)"
     )
-    sp.add_argument("--keys", type=int, default=100, help="random-keys, key-search: random keys to draw")
-    sp.add_argument("--iterations", type=int, default=2000, help="key-search: hill-climbing moves")
-    sp.add_argument("--batch", type=int, default=256, help="random-keys, key-search: labelled images to score on")
+    sp.add_argument("-o", "--output", type=at.output_path, help="fine-tune: folder for the attacker's runs")
+    sp.add_argument(
+        "--reference",
+        type=at.path_name,
+        metavar="RUN_DIR",
+        help="weights-only: a plain model the attacker trained (same patch size)",
+    )
+    sp.add_argument("--keys", type=at.COUNT, default=100, help="random-keys, key-search: random keys to draw")
+    sp.add_argument("--iterations", type=at.COUNT, default=2000, help="key-search: hill-climbing moves")
+    sp.add_argument("--batch", type=at.COUNT, default=256, help="random-keys, key-search: labelled images to score on")
     sp.add_argument(
         "--seconds-per-point",
-        type=float,
+        type=at.SECONDS,
         default=60.0,
         help="inner-align: local-search time per keyed point (default %(default)s)",
     )
-    sp.add_argument("--sample", type=int, help="evaluate on a stratified sample of N validation images")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--plot", help="write a PNG plot of attacker accuracy here")
-    sp.add_argument("--device", default="auto")
+    sp.add_argument("--sample", type=at.COUNT, help="evaluate on a stratified sample of N validation images")
+    sp.add_argument("--seed", type=at.SEED, default=0, help="the attacker's random draws (default %(default)s)")
+    sp.add_argument("--plot", type=at.output_path, help="write a PNG plot of attacker accuracy here")
+    sp.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     sp.set_defaults(func=cmd_attack)
 
     sp = add("convert", "protect a plain-trained block-aligned model with a shuffle/negpos key, without training")
-    sp.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory of a non-protected model")
-    sp.add_argument("--key", required=True, help="key file (shuffle and negpos steps; block size = patch size)")
-    sp.add_argument("-o", "--output", required=True, metavar="RUN_DIR2", help="new run directory")
+    sp.add_argument(
+        "--model", type=at.path_name, required=True, metavar="RUN_DIR", help="run directory of a non-protected model"
+    )
+    sp.add_argument(
+        "--key",
+        type=at.existing_file,
+        required=True,
+        help="key file (shuffle and negpos steps; block size = patch size)",
+    )
+    sp.add_argument("-o", "--output", type=at.output_path, required=True, metavar="RUN_DIR2", help="new run directory")
     sp.set_defaults(func=cmd_convert)
 
     sp = add("rekey", "move a protected block-aligned model to a new key, without data or training")
-    sp.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory of a protected model")
-    sp.add_argument("--old-key", required=True, help="the model's key file")
-    sp.add_argument("--new-key", required=True, help="the new key file (same block size)")
-    sp.add_argument("-o", "--output", required=True, metavar="RUN_DIR3", help="new run directory")
+    sp.add_argument(
+        "--model", type=at.path_name, required=True, metavar="RUN_DIR", help="run directory of a protected model"
+    )
+    sp.add_argument("--old-key", type=at.existing_file, required=True, help="the model's key file")
+    sp.add_argument("--new-key", type=at.existing_file, required=True, help="the new key file (same block size)")
+    sp.add_argument("-o", "--output", type=at.output_path, required=True, metavar="RUN_DIR3", help="new run directory")
     sp.set_defaults(func=cmd_rekey)
 
     sp = add("predict", "classify image files and folders with a trained model and its key")
@@ -885,7 +944,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help / --version (0) or a usage error (2, one line already printed)
+        return int(e.code or 0)
     try:
         return int(args.func(args))
     except (BlockkeyError, OSError) as e:

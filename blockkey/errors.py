@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BlockkeyError", "ImageFileError", "KeyFileError", "KeyMismatchError", "ShapeError"]
+__all__ = ["BlockkeyError", "ImageFileError", "KeyFileError", "KeyMismatchError", "OptionError", "ShapeError"]
 
 
 class BlockkeyError(Exception):
@@ -23,3 +23,7 @@ class KeyMismatchError(BlockkeyError, ValueError):
 
 class ImageFileError(BlockkeyError, ValueError):
     """An image file that cannot be read or written as asked (unreadable, lossy format, bit depth)."""
+
+
+class OptionError(BlockkeyError, ValueError):
+    """An option or argument outside its allowed range (a count below 1, a probability above 1, NaN)."""

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import argtypes as at
 from .checkpoint import CheckpointError, RunMeta, load_model
 from .data import Data, DataError, ImageFolderStream, ImageTensors, Normalize, make_loader
 from .inner import use_inner_key
@@ -131,6 +132,8 @@ def evaluate_model(
     """
     from tqdm import tqdm
 
+    at.NON_NEGATIVE_INT.check("wrong_keys", wrong_keys)
+    at.COUNT.check("batch_size", batch_size)
     dev = pick_device(str(device) if device is not None else None)
     model = model.to(dev).eval()
     data = align_classes(data, meta["classes"])

@@ -49,6 +49,8 @@ KEY_FORMAT_VERSION_INNER = 2
 #: The inner key is a 256-bit secret; every keyed point's channel permutation and signs derive from it.
 INNER_SECRET_BYTES = 32
 LAYOUT = "row,col,channel"
+#: Largest block vector L = M*M*C a key may cover (e.g. 128x128 blocks of 4 channels); see docs/reliability.md.
+MAX_BLOCK_LEN = 65536
 #: scrypt cost parameters for :meth:`KeySet.derive` (about 32 MiB and 0.1 s per derivation).
 SCRYPT_PARAMS = {"n": 2**15, "r": 8, "p": 1}
 _PASSWORD_ALPHABET = string.digits + string.ascii_lowercase
@@ -349,9 +351,7 @@ class KeySet:
     inner: InnerKey | None = None
 
     def __post_init__(self) -> None:
-        for name, v in (("block_size", self.block_size), ("channels", self.channels)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise KeyFileError(f"{name} must be a positive integer; got {v!r}")
+        _block_len(self.block_size, self.channels)
         if not self.steps and self.inner is None:
             raise KeyFileError("a key set needs at least one step")
         object.__setattr__(self, "steps", tuple(self.steps))
@@ -579,7 +579,13 @@ def _block_len(block_size: int, channels: int) -> int:
     for name, v in (("block_size", block_size), ("channels", channels)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise KeyFileError(f"{name} must be a positive integer; got {v!r}")
-    return block_size * block_size * channels
+    length = block_size * block_size * channels
+    if length > MAX_BLOCK_LEN:
+        raise KeyFileError(
+            f"a {block_size}x{block_size} block of {channels} channels holds {length} values; a key covers at most "
+            f"{MAX_BLOCK_LEN} (its permutation, masks and per-position tables grow with it)"
+        )
+    return length
 
 
 def _int_list(where: str, name: str, value: Any) -> tuple[int, ...]:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from . import argtypes as at
 from .checkpoint import (
     META_FORMAT,
     META_VERSION,
@@ -38,7 +39,7 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .data import BatchLoader, Data, DataError, Normalize, StreamLoader, make_loader
-from .errors import BlockkeyError, ShapeError
+from .errors import BlockkeyError, OptionError, ShapeError
 from .inner import use_inner_key
 from .keys import KeySet
 from .models import create_model
@@ -69,6 +70,26 @@ class TrainConfig:
     init_from: str | None = None  # a run directory whose weights start training (fine-tuning)
     train_layers: str = "all"  # all | first (the first layer with weights) | last (the last one: the head)
     sign_loss: float = 1.0  # weight of the passport sign loss (passport models only)
+
+    def __post_init__(self) -> None:
+        """Every field in its range (:class:`~blockkey.errors.OptionError` names the first one that is not)."""
+        at.EPOCHS.check("epochs", self.epochs)
+        at.BATCH_SIZE.check("batch_size", self.batch_size)
+        at.LEARNING_RATE.check("lr", self.lr)
+        at.PROBABILITY.check("momentum", self.momentum)
+        at.NON_NEGATIVE.check("weight_decay", self.weight_decay)
+        at.PROBABILITY.check("label_smoothing", self.label_smoothing)
+        at.PEAK.check("peak", self.peak)
+        at.SEED.check("seed", self.seed)
+        at.NON_NEGATIVE_INT.check("crop_padding", self.crop_padding)
+        at.NON_NEGATIVE.check("sign_loss", self.sign_loss)
+        for name, value, allowed in (
+            ("amp", self.amp, ("auto", "bf16", "fp16", "off")),
+            ("norm", self.norm, ("channel", "position", "none")),
+            ("train_layers", self.train_layers, ("all", "first", "last")),
+        ):
+            if value not in allowed:
+                raise OptionError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -115,6 +136,22 @@ def freeze_except(model: nn.Module, which: str) -> None:
         p.requires_grad_(False)
     for p in keep.parameters(recurse=False):
         p.requires_grad_(True)
+
+
+def _probe(model: nn.Module, image_shape: tuple[int, int, int], name: str) -> None:
+    """One forward pass of two blank images: a model that cannot take this image size says so up front."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *image_shape))
+    except RuntimeError as e:
+        c, h, w = image_shape
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ShapeError(
+            f"{name} cannot take {c}x{h}x{w} images ({first}); use larger images or another model"
+        ) from None
+    finally:
+        model.train()
 
 
 def _init_from(model: nn.Module, cfg: TrainConfig, classes: tuple[str, ...]) -> None:
@@ -220,6 +257,20 @@ def predict_accuracy(
     return correct / max(1, total)
 
 
+def check_training_data(train: Data) -> None:
+    """Refuse training data that cannot train a classifier: no images, or classes without any image."""
+    if len(train) == 0:
+        raise DataError("no training images left (too few images for the validation share, --limit or fraction)")
+    present = set(torch.unique(train.labels).tolist())
+    missing = [c for i, c in enumerate(train.classes) if i not in present]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise DataError(
+            f"{len(train)} training images leave {len(missing)} of {len(train.classes)} classes without any "
+            f"({shown}); give more images (each class needs at least one after the validation split)"
+        )
+
+
 def fit(
     train: Data,
     val: Data | None,
@@ -287,6 +338,7 @@ def _fit(
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     say = log if dist.main else (lambda s: None)
+    check_training_data(train)
     if key is not None and train.image_shape[0] != key.channels:
         raise ShapeError(f"the key is for {key.channels}-channel images; the data has {train.image_shape[0]}")
     if key is not None and (train.image_shape[1] % key.block_size or train.image_shape[2] % key.block_size):
@@ -323,6 +375,7 @@ def _fit(
     elif has_passport_layers:
         raise PassportError(f"{cfg.model} {cfg.model_kwargs} has passport layers: give it passports")
     use_inner_key(model, key)  # the key's inner part at the model's keyed points (identity without one)
+    _probe(model, train.image_shape, cfg.model)
     freeze_except(model, cfg.train_layers)
     model = model.to(device)
     if cfg.channels_last:

@@ -154,7 +154,7 @@ def test_attack_cli(tmp_path, capsys):
     assert main([str(a) for a in wrong]) == 2
     err = capsys.readouterr().err
     assert "is not the key of" in err and err.count("\n") == 1
-    for extra, message in [(["--pairs", "0"], "--pairs takes positive"), (["--fractions", "2"], "in (0, 1]")]:
+    for extra, message in [(["--pairs", "0"], "--pairs: must be an integer >= 1"), (["--fractions", "2"], "in (0, 1]")]:
         assert main([str(a) for a in [*base[:1], "known-plaintext", *base[1:], *extra]]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err

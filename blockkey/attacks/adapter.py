@@ -15,6 +15,7 @@ import time
 import torch
 from torch import Tensor, nn
 
+from .. import argtypes as at
 from ..data import Data, Normalize, make_loader, stratified_subset
 from ..functional import from_blocks, to_blocks
 from ..train import autocast
@@ -122,6 +123,9 @@ def adapter_attack(
     """
     from tqdm import tqdm
 
+    at.FRACTION.check_each("fractions", fractions)
+    at.EPOCHS.check("epochs", epochs)
+    at.SEED.check("seed", seed)
     t_start = time.perf_counter()
     key = target.key
     use_table = ("ffx" in key.recipe) if table is None else table

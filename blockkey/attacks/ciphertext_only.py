@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .. import argtypes as at
 from ..data import ImageTensors
 from ..functional import FFX_MAX, PIXEL_MAX, BlockPlan, compile_block_plan, to_blocks
 from ..train import autocast
@@ -149,6 +150,9 @@ def ciphertext_only_attack(
 ) -> AttackReport:
     """For each ``n`` in ``counts``: estimate the key from ``n`` transformed images (drawn from the
     evaluation images' distribution: ``train`` here), with ``plain_images`` unlabelled plain images."""
+    at.COUNT.check_each("counts", counts)
+    at.COUNT.check("plain_images", plain_images)
+    at.SEED.check("seed", seed)
     t_start = time.perf_counter()
     key = target.key
     transform = KeyedTransform(key)

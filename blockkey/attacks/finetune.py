@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+from .. import argtypes as at
 from ..data import Data, stratified_subset
 from ..evaluate import evaluate_run
 from ..passport import Passports
@@ -41,6 +42,9 @@ def finetune_attack(
     A passport model is fine-tuned (and its scratch twin trained) with passports the attacker draws
     (forged: seeded, not the owner's), and without the sign loss (the attacker wants accuracy only).
     """
+    at.FRACTION.check_each("fractions", fractions)
+    at.EPOCHS.check("epochs", epochs)
+    at.SEED.check("seed", seed)
     t_start = time.perf_counter()
     meta = target.meta
     out = Path(out_dir)

@@ -17,6 +17,7 @@ from dataclasses import replace
 
 import torch
 
+from .. import argtypes as at
 from ..data import Data, ImageTensors, stratified_subset
 from ..functional import compile_block_plan
 from ..keys import FFX, KeySet, NegPos, Shuffle
@@ -69,11 +70,18 @@ def _random_search(target: Target, score: _Scorer, n: int, seed: int, progress: 
     return best, scores
 
 
+def _check_counts(seed: int, **counts: int) -> None:
+    for name, value in counts.items():
+        at.COUNT.check(name, value)
+    at.SEED.check("seed", seed)
+
+
 def random_keys_attack(
     target: Target, train: Data, keys: int = 100, batch: int = 256, seed: int = 0, progress: bool = True
 ) -> AttackReport:
     """``keys`` random keys of the recipe scored on ``batch`` labelled training images; the best one's
     accuracy on the evaluation images."""
+    _check_counts(seed, keys=keys, batch=batch)
     t0 = time.perf_counter()
     score = _Scorer(target, _batch(train, batch, seed))
     best, scores = _random_search(target, score, keys, seed, progress)
@@ -165,6 +173,7 @@ def key_search_attack(
     progress: bool = True,
 ) -> AttackReport:
     """The authors' key estimation: the best of ``random_keys``, then ``iterations`` hill-climbing moves."""
+    _check_counts(seed, random_keys=random_keys, iterations=iterations, batch=batch)
     t0 = time.perf_counter()
     score = _Scorer(target, _batch(train, batch, seed))
     start, _ = _random_search(target, score, random_keys, seed, progress)

@@ -19,6 +19,7 @@ import time
 import torch
 from torch import Tensor
 
+from .. import argtypes as at
 from ..data import ImageTensors
 from ..errors import ShapeError
 from ..functional import FFX_MAX, PIXEL_MAX, BlockPlan, compile_block_plan, to_blocks
@@ -111,6 +112,8 @@ def known_plaintext_attack(
     Pairs are drawn (seeded) from ``data`` (default: the evaluation images, as an attacker who saw some
     inputs of the deployed model); accuracy is measured on the evaluation images.
     """
+    at.COUNT.check_each("pairs", pairs)
+    at.SEED.check("seed", seed)
     t_start = time.perf_counter()
     key = target.key
     true_plan = compile_block_plan(key)
