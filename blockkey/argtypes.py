@@ -153,6 +153,8 @@ PROBABILITY = Float(0, 1, hi_open=True)
 PEAK = Float(0, 1)
 FRACTION = Float(0, 1, lo_open=True)
 SECONDS = Float(0, 86400, lo_open=True)
+PREDICT_BATCH = Int(1, 65536)
+OPSET = Int(18, 20, "the exporter (torch.onnx, dynamo) writes opsets 18 and newer")
 
 
 def path_name(text: str) -> str:

@@ -906,11 +906,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--key", help="the model's key file (omit for a non-protected model)")
     sp.add_argument("--passport", metavar="FILE", help="the passports of a passport model")
     sp.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders (searched recursively)")
-    sp.add_argument("--top-k", type=int, default=5, help="classes to report per image (default %(default)s)")
+    sp.add_argument("--top-k", type=at.COUNT, default=5, help="classes to report per image (default %(default)s)")
     sp.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV")
     sp.add_argument("--force", action="store_true", help="overwrite an existing --csv file")
-    sp.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default %(default)s)")
-    sp.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
+    sp.add_argument(
+        "--batch-size", type=at.PREDICT_BATCH, default=64, help="images per forward pass (default %(default)s)"
+    )
+    sp.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, ... (default: cuda if present)")
     sp.set_defaults(func=cmd_predict)
 
     sp = sub.choices["train"]
@@ -937,7 +939,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--passport", metavar="FILE", help="the passports of a passport model (they go into the graph)")
     sp.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="ONNX file to write")
-    sp.add_argument("--opset", type=int, default=20, help="ONNX opset (default %(default)s)")
+    sp.add_argument("--opset", type=at.OPSET, default=20, help="ONNX opset (default %(default)s)")
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
     sp.set_defaults(func=cmd_export)
     return p
