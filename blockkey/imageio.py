@@ -86,8 +86,8 @@ def read_codes(path: str | os.PathLike[str]) -> Tensor:
         raise ImageFileError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageFileError(f"{path}: is a directory, not an image") from None
-    except (png.Error, OSError, ValueError, zlib.error) as e:
-        raise ImageFileError(f"{path}: not a readable PNG ciphertext ({e})") from None
+    except (png.Error, OSError, ValueError, EOFError, zlib.error) as e:  # EOFError: an empty file
+        raise ImageFileError(f"{path}: not a readable PNG ciphertext ({e or 'empty file'})") from None
     planes = info["planes"]
     arr = arr.reshape(height, width, planes)
     dtype = np.int16 if info["bitdepth"] > 8 else np.uint8

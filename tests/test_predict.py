@@ -159,7 +159,7 @@ def test_cli_predict(runs, tmp_path, capsys):
         (["predict", "--model", str(t / "prot"), "--key", str(t / "other.json"), str(paths[0])], "is not the key"),
         (["predict", "--model", str(t / "prot"), str(paths[0])], "give its key"),
         ([*argv, str(tmp_path / "empty")], "no image files"),
-        ([*argv, "--top-k", "0", str(paths[0])], "positive"),
+        ([*argv, "--top-k", "0", str(paths[0])], "must be an integer >= 1"),
     ]:
         if "empty" in bad[-1]:
             (tmp_path / "empty").mkdir()
