@@ -35,7 +35,7 @@ from .errors import BlockkeyError
 if TYPE_CHECKING:
     from .keys import InnerKey, KeySet
 
-__all__ = ["ChannelKey", "keyed_points", "use_inner_key"]
+__all__ = ["ChannelKey", "inner_points", "keyed_points", "use_inner_key"]
 
 
 class ChannelKey(nn.Module):
@@ -83,6 +83,17 @@ def keyed_points(model: nn.Module) -> dict[str, ChannelKey]:
     return {name: m for name, m in model.named_modules() if isinstance(m, ChannelKey)}
 
 
+def inner_points(model: nn.Module, inner: InnerKey) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{point name: (perm, sign)}`` that ``inner`` gives each keyed point of ``model`` (sign: +1 or -1)."""
+    out = {}
+    for name, point in keyed_points(model).items():
+        perm, flips = inner.point(name, point.channels, point.signs)
+        dev = point.perm.device
+        sign = 1.0 - 2.0 * torch.tensor(flips, dtype=torch.float32, device=dev)
+        out[name] = (torch.tensor(perm, device=dev), sign)
+    return out
+
+
 def use_inner_key(model: nn.Module, key: KeySet | InnerKey | None) -> nn.Module:
     """Set every keyed point of ``model`` from ``key``'s inner part; identity for ``None`` or a key without one.
 
@@ -97,12 +108,8 @@ def use_inner_key(model: nn.Module, key: KeySet | InnerKey | None) -> nn.Module:
         raise BlockkeyError(
             "the key has an inner part but the model has no keyed points (build it with inner=True, e.g. patchnet)"
         )
+    keyed = inner_points(model, inner) if inner is not None else {}
     for name, point in points.items():
-        if inner is None:
-            point.set(None)
-            continue
-        perm, flips = inner.point(name, point.channels, point.signs)
-        dev = point.perm.device
-        sign = 1.0 - 2.0 * torch.tensor(flips, dtype=torch.float32, device=dev)
-        point.set(torch.tensor(perm, device=dev), sign)
+        perm, sign = keyed.get(name, (None, None))
+        point.set(perm, sign)
     return model

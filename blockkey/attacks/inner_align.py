@@ -31,7 +31,7 @@ from torch import nn
 
 from ..data import Data
 from ..functional import BlockPlan
-from ..inner import ChannelKey, keyed_points
+from ..inner import ChannelKey, inner_points
 from ..keys import KeySet
 from ..transforms import KeyedTransform
 from . import AttackReport, Target, accuracy, make_report
@@ -194,7 +194,7 @@ def _refine(st: _Stats, perm: torch.Tensor, sign: torch.Tensor, sweeps: int, bud
 def _head(p: _Point, h: torch.Tensor, labels: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A point read by a linear head: columns to channels by head-weight / class-mean-feature correlation."""
     f = h.amax((2, 3)) if h.dim() == 4 else h
-    means = torch.stack([f[labels == c].mean(0) for c in range(classes)])  # (classes, channels)
+    means = torch.stack([f[labels == c].mean(0) for c in range(classes)]).nan_to_num()  # a class without images: 0
     means = (means - means.mean(0)) / means.std(0).clamp_min(1e-8)
     w = p.consumer.weight.detach().float()  # (classes, columns)
     w = (w - w.mean(0)) / w.std(0).clamp_min(1e-8)
@@ -244,15 +244,6 @@ def align_inner(
     return found
 
 
-def _true_points(model: nn.Module, key: KeySet) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    assert key.inner is not None
-    out = {}
-    for name, point in keyed_points(model).items():
-        perm, flips = key.inner.point(name, point.channels, point.signs)
-        out[name] = (torch.tensor(perm), 1.0 - 2.0 * torch.tensor(flips, dtype=torch.float32))
-    return out
-
-
 def inner_align_attack(
     target: Target, data: Data, images: list[int], sweeps: int = 3, seconds_per_point: float = 60.0
 ) -> AttackReport:
@@ -266,7 +257,7 @@ def inner_align_attack(
         raise ValueError("inner-align attacks a key with an inner part (recipe token 'inner')")
     started = time.perf_counter()
     outer = KeySet(key.block_size, key.channels, key.steps) if key.steps else None
-    true = _true_points(target.model, key)
+    true = inner_points(target.model, key.inner)
     rows = []
     for n in images:
         t0 = time.perf_counter()
