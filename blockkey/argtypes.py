@@ -38,8 +38,11 @@ __all__ = [
     "MAX_SEED",
     "NON_NEGATIVE",
     "NON_NEGATIVE_INT",
+    "OPSET",
     "PEAK",
+    "PREDICT_BATCH",
     "PROBABILITY",
+    "SECONDS",
     "SEED",
     "WORKERS",
     "Float",
@@ -177,14 +180,18 @@ def existing_file(text: str) -> str:
 
 
 def data_source(text: str) -> str:
-    """``cifar10``, ``cifar100`` or an existing ImageFolder directory."""
+    """``cifar10``, ``cifar100``, an existing ImageFolder directory or an ``.npz`` image pack."""
     if path_name(text).lower() in ("cifar10", "cifar100"):
         return text
     p = Path(text)
     if not p.exists():
-        raise argparse.ArgumentTypeError(f"dataset folder {p} does not exist (give cifar10, cifar100 or a folder)")
-    if not p.is_dir():
-        raise argparse.ArgumentTypeError(f"{p} is a file; a dataset is cifar10, cifar100 or an ImageFolder folder")
+        raise argparse.ArgumentTypeError(
+            f"dataset {p} does not exist (give cifar10, cifar100, a folder or an .npz image pack)"
+        )
+    if not p.is_dir() and p.suffix.lower() != ".npz":
+        raise argparse.ArgumentTypeError(
+            f"{p} is a file; a dataset is cifar10, cifar100, an ImageFolder folder or an .npz image pack"
+        )
     return text
 
 

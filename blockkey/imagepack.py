@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
@@ -127,7 +128,10 @@ def load_image_pack(path: str | os.PathLike[str], workers: int | None = None) ->
             if str(z["format"]) != PACK_FORMAT:
                 raise DataError(f"{path}: not a blockkey image pack")
             doc = {k: z[k] for k in z.files}
-    except (OSError, ValueError, KeyError) as e:
+        missing = {"heads", "head_lengths", "body", "body_lengths", "head_id", "demo_ref"} - set(doc)
+        if missing:
+            raise DataError(f"{path}: the image pack is damaged (missing {', '.join(sorted(missing))})")
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
         raise DataError(f"{path}: cannot read the image pack ({e})") from None
     hb, ho = doc["heads"].tobytes(), _offsets(doc["head_lengths"])
     bb, bo = doc["body"].tobytes(), _offsets(doc["body_lengths"])

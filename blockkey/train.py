@@ -144,7 +144,7 @@ def _probe(model: nn.Module, image_shape: tuple[int, int, int], name: str) -> No
     try:
         with torch.no_grad():
             model(torch.zeros(2, *image_shape))
-    except RuntimeError as e:
+    except (RuntimeError, ValueError, AssertionError) as e:  # torchvision/timm check sizes with asserts
         c, h, w = image_shape
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ShapeError(

@@ -113,7 +113,7 @@ def test_kill_at_seeded_random_moments_then_resume_is_bit_identical(setup, refer
         proc = recover(setup, run)
     assert kills >= 1
     assert_identical(reference, run)
-    assert not list(run.glob(".*.tmp*"))  # nothing half-written is left behind
+    assert not list(run.glob("**/.*.tmp*"))  # nothing half-written is left behind
     assert not (run / "LATEST").exists() and not list(run.glob("state-*"))
 
 
@@ -127,4 +127,4 @@ def test_kill_while_a_checkpoint_is_half_written_then_resume_is_bit_identical(se
     code, err = finish(proc)
     assert code == 0 and "Traceback" not in err, err[-2000:]
     assert_identical(reference, run)
-    assert not list(run.glob(".*.tmp*"))  # nothing half-written is left behind
+    assert not list(run.glob("**/.*.tmp*"))  # nothing half-written is left behind

@@ -321,7 +321,12 @@ def weights_only_attack(
     statistics (signs and channels; ``stats_images`` unlabelled plain images give the plain statistics).
     ``plain_images`` unlabelled plain images (from ``train``) build the image reference and decide the
     grid's symmetries by the stolen model's confidence."""
+    from .. import argtypes as at
+
     t_start = time.perf_counter()
+    for name, n in (("plain_images", plain_images), ("stats_images", stats_images), ("restarts", restarts)):
+        at.COUNT.check(name, n)
+    at.SEED.check("seed", seed)
     key = target.key
     m, c = key.block_size, key.channels
     true_plan = compile_block_plan(key)
@@ -335,7 +340,12 @@ def weights_only_attack(
     plain_stats = (pool.mean(0), pool.std(0))
     refs = [("plain images (no training)", image_reference(plain.images, m))]
     if reference_model is not None:
-        refs.append((reference_name, model_reference(reference_model, m)))
+        ref = model_reference(reference_model, m)
+        if ref.shape != (m * m * c, m * m * c):
+            raise BlockkeyError(
+                f"the reference model's patch embedding reads {ref.shape[0]} values per block; the key has {m * m * c}"
+            )
+        refs.append((reference_name, ref))
     stats_options: list[bool] = [False] + ([True] if model_stats is not None else [])
     rows = []
     for ref_name, ref in refs:
