@@ -32,15 +32,13 @@ def evaluate_for_card(
     device: str | None = None,
 ) -> RunMeta:
     """Evaluate the run on (a stratified sample of) its validation split; store it in ``meta.json``."""
-    from .checkpoint import load_model
+    from .checkpoint import read_meta
     from .data import stratified_subset
-    from .evaluate import evaluate_model
+    from .evaluate import evaluate_run
 
-    model, meta = load_model(run_dir)
     data = stratified_subset(val, sample, seed=12345)
-    report = evaluate_model(
-        model, meta, data, key, wrong_keys=wrong_keys, progress=False, passports=passports, device=device
-    )
+    report = evaluate_run(run_dir, data, key, wrong_keys=wrong_keys, progress=False, passports=passports, device=device)
+    meta = read_meta(run_dir)
     meta["evaluation"] = {"split": "held-out validation split", **report.to_json()}
     write_json_atomic(Path(run_dir) / "meta.json", meta)
     return meta
@@ -78,7 +76,7 @@ def _accuracy(meta: RunMeta) -> list[str]:
         ev.get("given_key_fingerprint"),
         ev.get("key_matches_model"),
         ev["images"],
-        round(1 / ev["chance"]),
+        len(meta["classes"]),
         ev["rows"],
     )
     lines = [

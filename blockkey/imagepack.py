@@ -131,7 +131,7 @@ def load_image_pack(path: str | os.PathLike[str], workers: int | None = None) ->
         missing = {"heads", "head_lengths", "body", "body_lengths", "head_id", "demo_ref"} - set(doc)
         if missing:
             raise DataError(f"{path}: the image pack is damaged (missing {', '.join(sorted(missing))})")
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as e:  # TypeError: a .npy
         raise DataError(f"{path}: cannot read the image pack ({e})") from None
     hb, ho = doc["heads"].tobytes(), _offsets(doc["head_lengths"])
     bb, bo = doc["body"].tobytes(), _offsets(doc["body_lengths"])

@@ -153,6 +153,8 @@ def fit_image(x: Tensor, shape: Sequence[int], stream_view: bool = False) -> Ten
     from torchvision.transforms.v2 import functional as TF
 
     c, h, w = (int(s) for s in shape)
+    if x.dim() != 3 or 0 in x.shape:
+        raise ShapeError(f"expected a non-empty (C, H, W) image; got shape {tuple(x.shape)}")
     x = to_channels(x, c)
     if tuple(x.shape[1:]) == (h, w):
         return x
