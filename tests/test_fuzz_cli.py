@@ -208,7 +208,8 @@ def _run(argv: list[str]) -> tuple[int, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
-def test_no_arguments_or_files_make_a_command_crash(command, world, monkeypatch):
+def test_no_arguments_or_files_make_a_command_crash(command, world, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # default outputs (demo, tour without -o) land here, never in the checkout
     pool = _pool(world)
     sub = _subparsers()[command]
     before = _digest(world)
