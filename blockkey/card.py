@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError, RunMeta, load_weights, read_meta, write_json_atomic
+from .fileio import write_text
 
 __all__ = ["carried_evaluation", "evaluate_for_card", "model_card", "write_model_card"]
 
@@ -245,7 +246,5 @@ def write_model_card(run_dir: str | os.PathLike[str], meta: RunMeta | None = Non
     run = Path(run_dir)
     meta = meta if meta is not None else read_meta(run)
     path = run / "README.md"
-    tmp = run / f".README.md.tmp{os.getpid()}"
-    tmp.write_text(model_card(meta, run.name or str(run), _params(run)), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, model_card(meta, run.name or str(run), _params(run)))
     return path

@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import BlockkeyError
+from .fileio import atomic_path
+from .fileio import write_json as write_json_atomic
 
 __all__ = ["CheckpointError", "RunMeta", "load_model", "read_meta", "save_run", "write_json_atomic"]
 
@@ -35,20 +37,9 @@ class CheckpointError(BlockkeyError, ValueError):
     """A run directory or checkpoint that cannot be used (missing, corrupt, pickled)."""
 
 
-def write_json_atomic(path: Path, doc: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def _check_not_pickle(path: Path) -> None:

@@ -22,6 +22,7 @@ import torch
 from . import __version__
 from . import argtypes as at
 from .errors import BlockkeyError, ImageFileError, KeyMismatchError
+from .fileio import atomic_path
 from .imageio import check_output_suffix, read_codes, read_image, sample_image, write_png
 from .keys import KeySet, parse_recipe, refuse_foreign_key
 from .show import step_grid
@@ -578,9 +579,8 @@ def _encrypt_npy(args: argparse.Namespace) -> int:
         raise BlockkeyError(f"{out} exists; refusing to overwrite (use --force)")
     size = _parse_size(args.size) if args.size else None
     arr = keyed_input([Path(p) for p in args.inputs], KeySet.load(args.key), size)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        np.save(tmp, arr)
     dims = " x ".join(map(str, arr.shape))
     text = f"wrote {out}: float32 {dims} (the input 'keyed' of an ONNX export without the key)"
     _emit(args, {"written": str(out), "shape": list(arr.shape), "dtype": "float32"}, text)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .errors import BlockkeyError
+from .fileio import atomic_path
 from .transforms import KeyedTransform
 
 __all__ = [
@@ -244,9 +245,8 @@ def load_image_folder(
     labels = np.array([label for _, label in samples], dtype=np.int64)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, images=images, labels=labels, classes=json.dumps(classes))
-        os.replace(tmp, cache)
+        with atomic_path(cache) as tmp:
+            np.savez(tmp, images=images, labels=labels, classes=json.dumps(classes))
     return ImageTensors(torch.from_numpy(images), torch.from_numpy(labels), tuple(classes))
 
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from ._optional import require
 from .checkpoint import read_meta
 from .errors import BlockkeyError, ShapeError
+from .fileio import write_bytes
 from .functional import Plan, compile_plan
 from .keys import KeySet
 from .passport import Passports
@@ -173,16 +174,7 @@ def _write(proto: Any, path: Path, secret: bool, force: bool) -> None:
 
     if path.exists() and not force:
         raise BlockkeyError(f"{path} exists; refusing to overwrite (use --force)")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(onnx.ModelProto.SerializeToString(proto))
-        if secret:
-            os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes(path, onnx.ModelProto.SerializeToString(proto), private=secret)
 
 
 def _check(path: Path, module: nn.Module, example: Tensor) -> float:

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import ImageFileError
+from .fileio import atomic_path
 
 __all__ = ["LOSSLESS_SUFFIXES", "check_output_suffix", "read_codes", "read_image", "sample_image", "write_png"]
 
@@ -115,15 +116,11 @@ def write_png(path: str | os.PathLike[str], x: Tensor, *, overwrite: bool = Fals
     writer = png.Writer(
         width=arr.shape[1], height=arr.shape[0], greyscale=c in (1, 2), alpha=c in (2, 4), bitdepth=bitdepth
     )
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             writer.write(f, arr.reshape(arr.shape[0], -1).astype(np.uint16 if bitdepth == 16 else np.uint8))
-        os.replace(tmp, path)
     except OSError as e:  # name the file the user asked for, not the temporary one
         raise OSError(e.errno, e.strerror, str(path)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .data import DataError, ImageTensors, _list_image_folder
+from .fileio import atomic_path
 
 __all__ = ["decode_images", "load_image_pack", "pack_image_folder"]
 
@@ -102,21 +103,20 @@ def pack_image_folder(root: str | os.PathLike[str], dest: str | os.PathLike[str]
     heads = list(headers)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}.npz")
-    np.savez_compressed(  # the bodies do not compress; the index arrays do
-        tmp,
-        format=PACK_FORMAT,
-        classes=json.dumps(classes),
-        labels=np.array([label for _, label in samples], dtype=np.int16),
-        heads=np.frombuffer(b"".join(heads), np.uint8),
-        head_lengths=_lengths(heads),
-        head_id=np.array(head_id, dtype=np.int32),
-        demo_ref=np.array(demo_ref, dtype=np.int32),
-        body=np.frombuffer(b"".join(bodies), np.uint8),
-        body_lengths=_lengths(bodies),
-        sha256=digest.hexdigest(),
-    )
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        np.savez_compressed(  # the bodies do not compress; the index arrays do
+            tmp,
+            format=PACK_FORMAT,
+            classes=json.dumps(classes),
+            labels=np.array([label for _, label in samples], dtype=np.int16),
+            heads=np.frombuffer(b"".join(heads), np.uint8),
+            head_lengths=_lengths(heads),
+            head_id=np.array(head_id, dtype=np.int32),
+            demo_ref=np.array(demo_ref, dtype=np.int32),
+            body=np.frombuffer(b"".join(bodies), np.uint8),
+            body_lengths=_lengths(bodies),
+            sha256=digest.hexdigest(),
+        )
     refs = sum(r >= 0 for r in demo_ref)
     return {"images": len(samples), "bytes": dest.stat().st_size, "demo_references": refs, "headers": len(heads) - 1}
 

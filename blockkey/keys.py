@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import KeyFileError
+from .fileio import write_json
 
 __all__ = [
     "FFX",
@@ -527,31 +528,10 @@ class KeySet:
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; refusing to overwrite a key file (use --force)")
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as e:  # name the file the user asked for, not the temporary one
-            raise OSError(e.errno, e.strerror, str(path)) from None
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_json(), f, indent=1)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            if overwrite:
-                os.replace(tmp, path)
-            else:
-                try:
-                    os.link(tmp, path)  # atomic, and fails if the file appeared meanwhile
-                except FileExistsError:
-                    raise FileExistsError(f"{path} exists; refusing to overwrite a key file (use --force)") from None
-                except OSError:  # a filesystem without hard links
-                    if path.exists():
-                        raise FileExistsError(f"{path} exists; refusing to overwrite a key file") from None
-                    os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+            return write_json(path, self.to_json(), private=True, overwrite=overwrite)
+        except FileExistsError:  # appeared meanwhile
+            raise FileExistsError(f"{path} exists; refusing to overwrite a key file (use --force)") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KeySet:

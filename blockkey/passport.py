@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import BlockkeyError
+from .fileio import atomic_path
 
 __all__ = ["PassportConv", "PassportError", "Passports", "passport_layers", "sign_loss", "signature_match"]
 
@@ -184,12 +185,8 @@ class Passports:
         path = Path(path)
         if path.exists() and not force:
             raise PassportError(f"{path} exists; refusing to overwrite passports (--force)")
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.close(fd)
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), {"format": FORMAT, **self.meta})
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        with atomic_path(path, private=True) as tmp:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), {"format": FORMAT, **self.meta})
         return path
 
     @classmethod

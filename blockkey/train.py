@@ -40,6 +40,7 @@ from .checkpoint import (
 )
 from .data import BatchLoader, Data, DataError, Normalize, StreamLoader, make_loader
 from .errors import BlockkeyError, OptionError, ShapeError
+from .fileio import write_text
 from .inner import use_inner_key
 from .keys import KeySet
 from .models import create_model
@@ -537,9 +538,7 @@ def _save_state(
             "passport": passports.info() if passports else None,
         },
     )
-    tmp = run / f".LATEST.tmp{os.getpid()}"
-    tmp.write_text(name)
-    os.replace(tmp, run / "LATEST")
+    write_text(run / "LATEST", name)
     for old in run.glob("state-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
