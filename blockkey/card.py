@@ -10,6 +10,8 @@ accuracy over (the conversion is exact) and say that the other rows are to be me
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +41,14 @@ def evaluate_for_card(
 
     data = stratified_subset(val, sample, seed=12345)
     report = evaluate_run(run_dir, data, key, wrong_keys=wrong_keys, progress=False, passports=passports, device=device)
-    meta = read_meta(run_dir)
-    meta["evaluation"] = {"split": "held-out validation split", **report.to_json()}
-    write_json_atomic(Path(run_dir) / "meta.json", meta)
+    meta = replace(read_meta(run_dir), evaluation={"split": "held-out validation split", **report.to_json()})
+    write_json_atomic(Path(run_dir) / "meta.json", meta.to_json())
     return meta
 
 
 def carried_evaluation(meta: RunMeta, source: str) -> dict[str, Any] | None:
     """The key holder's row of a source run's evaluation, for an exact conversion of that run."""
-    ev = meta.get("evaluation")
+    ev = meta.evaluation
     if not ev:
         return None
     keep = [r for r in ev["rows"] if r["setting"] in ("correct key", "non-protected model")]
@@ -68,7 +69,7 @@ def _params(run: Path) -> str:
 def _accuracy(meta: RunMeta) -> list[str]:
     from .evaluate import EvalReport
 
-    ev = meta.get("evaluation")
+    ev = meta.evaluation
     if not ev:
         return ["Not measured for this run: `blockkey evaluate --model RUN_DIR --key KEY --data DATA`."]
     rep = EvalReport(
@@ -77,7 +78,7 @@ def _accuracy(meta: RunMeta) -> list[str]:
         ev.get("given_key_fingerprint"),
         ev.get("key_matches_model"),
         ev["images"],
-        len(meta["classes"]),
+        meta.num_classes,
         ev["rows"],
     )
     lines = [
@@ -93,12 +94,12 @@ def _accuracy(meta: RunMeta) -> list[str]:
 
 def _protection(meta: RunMeta) -> tuple[str, list[str], str]:
     """(one-line summary, table rows, the predict arguments)."""
-    key, passport = meta.get("key"), meta.get("passport")
+    key, passport = meta.key, meta.passport
     if key:
         rows = [
-            f"| key fingerprint | `{key['fingerprint']}` |",
-            f"| key recipe | {' -> '.join(key.get('spec', key['recipe']))} |",
-            f"| blocks | {key['block_size']}x{key['block_size']}, {key['channels']} channels |",
+            f"| key fingerprint | `{key.fingerprint}` |",
+            f"| key recipe | {' -> '.join(key.steps)} |",
+            f"| blocks | {key.block_size}x{key.block_size}, {key.channels} channels |",
         ]
         summary = (
             "Protected with a secret key: every image is transformed block-wise with the key before it reaches "
@@ -121,7 +122,7 @@ def _protection(meta: RunMeta) -> tuple[str, list[str], str]:
 
 
 def _recipe(meta: RunMeta) -> list[str]:
-    cfg, hist = meta.get("config", {}), meta.get("history", [])
+    cfg, hist = meta.config, meta.history
     if not cfg:
         return ["Not recorded."]
     keys = ("epochs", "batch_size", "lr", "peak", "weight_decay", "label_smoothing", "amp", "norm", "seed")
@@ -142,14 +143,15 @@ def _recipe(meta: RunMeta) -> list[str]:
     ]
 
 
-def model_card(meta: RunMeta, run_name: str = "RUN_DIR", params: str = "?") -> str:
+def model_card(meta: RunMeta | Mapping[str, Any], run_name: str = "RUN_DIR", params: str = "?") -> str:
     """The card's Markdown for a run's metadata."""
+    meta = RunMeta.coerce(meta)
     summary, prot_rows, secret = _protection(meta)
-    c, h, w = meta["image_shape"]
-    classes = meta["classes"]
-    kwargs = ", ".join(f"{k}={v}" for k, v in meta.get("model_kwargs", {}).items())
-    norm = meta.get("normalize") or {}
-    data = meta.get("data", {})
+    c, h, w = meta.image_shape
+    classes = meta.classes
+    kwargs = ", ".join(f"{k}={v}" for k, v in meta.model_kwargs.items())
+    norm = meta.normalize
+    data = meta.data
     data_rows = [f"| {k.replace('_', ' ')} | {v} |" for k, v in data.items() if v not in (None, "")]
     shown = ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else "")
     lines = [
@@ -159,23 +161,23 @@ def model_card(meta: RunMeta, run_name: str = "RUN_DIR", params: str = "?") -> s
         "tags:",
         "- blockkey",
         "- image-classification",
-        "- model-protection" if (meta.get("key") or meta.get("passport")) else "- non-protected",
+        "- model-protection" if (meta.key or meta.passport) else "- non-protected",
         "---",
         "",
         f"# {run_name}",
         "",
-        f"An image classifier (`{meta['model']}`, {len(classes)} classes) made with blockkey "
-        f"{meta.get('versions', {}).get('blockkey', '')}. {summary}",
+        f"An image classifier (`{meta.model}`, {len(classes)} classes) made with blockkey "
+        f"{meta.versions.get('blockkey', '')}. {summary}",
         "",
         "## Model",
         "",
         "| | |",
         "|---|---|",
-        f"| architecture | `{meta['model']}`" + (f" ({kwargs})" if kwargs else "") + " |",
+        f"| architecture | `{meta.model}`" + (f" ({kwargs})" if kwargs else "") + " |",
         f"| parameters | {params} |",
         f"| input | {c} x {h} x {w} uint8 images |",
         f"| classes | {len(classes)}: {shown} |",
-        f"| normalisation | {norm.get('mode', 'none')} |",
+        f"| normalisation | {norm.mode if norm is not None else 'none'} |",
         "| files | `model.safetensors` (weights), `meta.json` (metadata), this card |",
         *prot_rows,
         "",
@@ -191,15 +193,15 @@ def model_card(meta: RunMeta, run_name: str = "RUN_DIR", params: str = "?") -> s
         "",
         *_accuracy(meta),
     ]
-    if meta.get("conversions"):
+    if meta.conversions:
         lines += ["", "## Conversions (no training)", ""]
-        for conv in meta["conversions"]:
+        for conv in meta.conversions:
             lines.append(
                 f"- {conv['action']} from `{conv['from_run']}` (key {conv['from_key'] or 'none'} -> "
                 f"{conv['to_key'] or 'none'}), max relative logit error {conv['max_rel_logit_error_float64']:.1e}"
             )
     lines += _usage(run_name, secret, h if h == w else f"{h}x{w}")
-    versions = meta.get("versions", {})
+    versions = meta.versions
     if versions:
         lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in versions.items())]
     return "\n".join(lines) + "\n"

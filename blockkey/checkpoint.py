@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +21,23 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import BlockkeyError
+from .errors import CheckpointError
 from .fileio import atomic_path
 from .fileio import write_json as write_json_atomic
+from .meta import META_FORMAT, META_VERSION, RunMeta
 
-__all__ = ["CheckpointError", "RunMeta", "load_model", "read_meta", "save_run", "write_json_atomic"]
+__all__ = [
+    "META_FORMAT",
+    "META_VERSION",
+    "CheckpointError",
+    "RunMeta",
+    "load_model",
+    "read_meta",
+    "save_run",
+    "write_json_atomic",
+]
 
-META_FORMAT = "blockkey.model"
-META_VERSION = 1
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
-
-RunMeta = dict[str, Any]
-
-
-class CheckpointError(BlockkeyError, ValueError):
-    """A run directory or checkpoint that cannot be used (missing, corrupt, pickled)."""
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -54,17 +57,13 @@ def read_meta(run_dir: str | os.PathLike[str]) -> RunMeta:
         raise CheckpointError(f"{run}: not a run directory (expected model.safetensors and meta.json inside)")
     path = run / "meta.json"
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         hint = " (training did not finish: resume it with --resume)" if (run / "LATEST").exists() else ""
         raise CheckpointError(f"{run}: no meta.json{hint}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt metadata ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
-        raise CheckpointError(f"{path}: not blockkey model metadata")
-    if meta.get("version") != META_VERSION:
-        raise CheckpointError(f"{path}: unsupported metadata version {meta.get('version')!r}")
-    return meta
+    return RunMeta.from_json(doc, str(path))
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -82,23 +81,23 @@ def load_model(run_dir: str | os.PathLike[str], device: torch.device | str = "cp
     from .models import create_model
 
     meta = read_meta(run_dir)
-    kwargs = {k: v for k, v in meta.get("model_kwargs", {}).items() if k != "pretrained"}  # weights come from the run
-    model = create_model(meta["model"], len(meta["classes"]), meta["image_shape"][0], **kwargs)
+    kwargs = {k: v for k, v in meta.model_kwargs.items() if k != "pretrained"}  # the weights come from the run
+    model = create_model(meta.model, meta.num_classes, meta.image_shape[0], **kwargs)
     state = load_weights(Path(run_dir) / "model.safetensors")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{run_dir}: weights do not fit model {meta['model']!r} ({first})") from None
+        raise CheckpointError(f"{run_dir}: weights do not fit model {meta.model!r} ({first})") from None
     return model.to(device).eval(), meta
 
 
-def save_run(run_dir: Path, model: nn.Module, meta: RunMeta) -> None:
+def save_run(run_dir: Path, model: nn.Module, meta: RunMeta | Mapping[str, Any]) -> None:
     """A finished run: ``model.safetensors`` then ``meta.json`` (its presence marks the run complete)."""
-    key = meta.get("key")
-    fingerprint = key["fingerprint"] if key else "none"
+    meta = RunMeta.coerce(meta)
+    fingerprint = meta.key.fingerprint if meta.key is not None else "none"
     save_tensors_atomic(run_dir / "model.safetensors", model.state_dict(), {"key_fingerprint": fingerprint})
-    write_json_atomic(run_dir / "meta.json", meta)
+    write_json_atomic(run_dir / "meta.json", meta.to_json())
 
 
 def clear_states(run_dir: Path) -> None:

@@ -25,6 +25,7 @@ from .errors import BlockkeyError, ImageFileError, KeyMismatchError
 from .fileio import atomic_path
 from .imageio import check_output_suffix, read_codes, read_image, sample_image, write_png
 from .keys import KeySet, parse_recipe, refuse_foreign_key
+from .meta import RunMeta
 from .show import step_grid
 from .transforms import KeyedTransform
 
@@ -281,11 +282,11 @@ def _load_data(spec: str, *, train: bool, root: str | None, stream: int | None =
     return load_dataset(spec, train=train, root=root)
 
 
-def _run_split(data: Any, meta: dict[str, Any]) -> tuple[Any, Any]:
+def _run_split(data: Any, meta: RunMeta) -> tuple[Any, Any]:
     """The (train, validation) split a run was trained with, recomputed from its recorded seed."""
     from .data import stratified_split, stratified_subset
 
-    d = meta.get("data", {})
+    d = RunMeta.coerce(meta).data
     if d.get("limit"):
         data = stratified_subset(data, d["limit"], d.get("split_seed", 0))
     return stratified_split(data, d.get("val_fraction", 0.1), d.get("split_seed", 0))
@@ -340,13 +341,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         train, val, key, cfg, args.output, resume=args.resume, device=args.device, data_info=info, passports=passports
     )
     meta = _write_card(args, val, key, passports, meta)
-    last = meta["metrics"]
+    last = meta.metrics
     text = f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in last.items())
-    _emit(args, {"run": args.output, "metrics": last, "history": meta["history"]}, text)
+    _emit(args, {"run": args.output, "metrics": last, "history": meta.history}, text)
     return 0
 
 
-def _write_card(args: argparse.Namespace, val: Any, key: KeySet | None, passports: Any, meta: dict[str, Any]) -> Any:
+def _write_card(args: argparse.Namespace, val: Any, key: KeySet | None, passports: Any, meta: RunMeta) -> RunMeta:
     """The model card (RUN_DIR/README.md), with accuracy on the validation split (rank 0 only under torchrun)."""
     from .card import evaluate_for_card, write_model_card
 
@@ -395,10 +396,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .passport import Passports
 
         passports = Passports.load(args.passport)
-    spec = args.data or meta.get("data", {}).get("source")
+    spec = args.data or meta.data_source
     if not spec:
         raise BlockkeyError("--data is needed (the run does not record its data source)")
-    stream = args.stream or meta.get("data", {}).get("stream_image_size")
+    stream = args.stream or meta.stream_image_size
     data = _load_data(spec, train=args.split != "test", root=args.data_root, stream=stream, workers=args.workers)
     if args.split == "val":
         data = _run_split(data, meta)[1]
@@ -417,10 +418,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _conversion_text(args: argparse.Namespace, meta: dict[str, Any]) -> str:
-    c = meta["conversions"][-1]
+def _conversion_text(args: argparse.Namespace, meta: RunMeta) -> str:
+    c = meta.conversions[-1]
     return (
-        f"wrote {args.output}: {meta['model']} for key {c['to_key']} (was {c['from_key'] or 'non-protected'}), "
+        f"wrote {args.output}: {meta.model} for key {c['to_key']} (was {c['from_key'] or 'non-protected'}), "
         f"no training; checked: max relative logit error {c['max_rel_logit_error_float64']:.1e} (float64), "
         f"{c['seconds']:.2f} s"
     )
@@ -430,7 +431,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .rekey import convert_run
 
     meta = convert_run(args.model, KeySet.load(args.key), args.output)
-    _emit(args, {"run": args.output, **meta["conversions"][-1]}, _conversion_text(args, meta))
+    _emit(args, {"run": args.output, **meta.conversions[-1]}, _conversion_text(args, meta))
     return 0
 
 
@@ -438,7 +439,7 @@ def cmd_rekey(args: argparse.Namespace) -> int:
     from .rekey import rekey_run
 
     meta = rekey_run(args.model, KeySet.load(args.old_key), KeySet.load(args.new_key), args.output)
-    _emit(args, {"run": args.output, **meta["conversions"][-1]}, _conversion_text(args, meta))
+    _emit(args, {"run": args.output, **meta.conversions[-1]}, _conversion_text(args, meta))
     return 0
 
 
@@ -446,7 +447,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .attacks import Target
     from .checkpoint import load_model
     from .data import ImageFolderStream, stratified_subset
-    from .train import pick_device
+    from .runtime import pick_device
 
     model, meta = load_model(args.model)
     key = KeySet.load(args.key)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .errors import BlockkeyError
 from .fileio import atomic_path
+from .runtime import normalise
 from .transforms import KeyedTransform
 
 __all__ = [
@@ -431,9 +432,7 @@ class _KeyedBatches:
     def prepare(self, x: Tensor) -> Tensor:
         """uint8 batch -> key transform (or /255) -> normalisation: what the network sees."""
         y = self.transform(x) if self.transform is not None else x.float().div_(255)
-        if self.norm is not None:
-            y = (y - self.norm[0]) / self.norm[1]
-        return y
+        return normalise(y, self.norm)
 
 
 class StreamLoader(_KeyedBatches):

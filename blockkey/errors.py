@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["BlockkeyError", "ImageFileError", "KeyFileError", "KeyMismatchError", "OptionError", "ShapeError"]
+__all__ = [
+    "BlockkeyError",
+    "CheckpointError",
+    "ImageFileError",
+    "KeyFileError",
+    "KeyMismatchError",
+    "OptionError",
+    "ShapeError",
+]
 
 
 class BlockkeyError(Exception):
@@ -23,6 +31,10 @@ class KeyMismatchError(BlockkeyError, ValueError):
 
 class ImageFileError(BlockkeyError, ValueError):
     """An image file that cannot be read or written as asked (unreadable, lossy format, bit depth)."""
+
+
+class CheckpointError(BlockkeyError, ValueError):
+    """A run directory or checkpoint that cannot be used (missing, corrupt, pickled)."""
 
 
 class OptionError(BlockkeyError, ValueError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import statistics
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,11 +13,11 @@ from torch import nn
 
 from . import argtypes as at
 from .checkpoint import CheckpointError, RunMeta, load_model
-from .data import Data, DataError, ImageFolderStream, ImageTensors, Normalize, make_loader
+from .data import Data, DataError, ImageFolderStream, ImageTensors, make_loader
 from .inner import use_inner_key
 from .keys import KeySet
 from .passport import PassportError, Passports, signature_match
-from .train import pick_device, predict_accuracy
+from .runtime import pick_device, predict_accuracy
 from .transforms import KeyedTransform
 
 __all__ = ["EvalReport", "align_classes", "evaluate_model", "evaluate_run"]
@@ -27,7 +28,7 @@ class EvalReport:
     """Rows of ``(setting, accuracy stats)`` plus context; ``to_markdown`` / ``to_json`` / ``plot``."""
 
     model: str
-    model_key: dict[str, Any] | None
+    model_key: dict[str, Any] | None  # the model's KeyInfo as JSON
     given_key: str | None
     key_matches: bool | None
     images: int
@@ -88,7 +89,7 @@ class EvalReport:
         plt.close(fig)
 
 
-def align_classes(data: Data, model_classes: list[str]) -> Data:
+def align_classes(data: Data, model_classes: Sequence[str]) -> Data:
     """Map an ImageFolder's labels to the model's class order by name; refuse a mismatch."""
     if list(data.classes) == list(model_classes):
         return data
@@ -115,7 +116,7 @@ def _stats(name: str, accs: list[float]) -> dict[str, Any]:
 
 def evaluate_model(
     model: nn.Module,
-    meta: RunMeta,
+    meta: RunMeta | Mapping[str, Any],
     data: Data,
     key: KeySet | None,
     *,
@@ -134,29 +135,25 @@ def evaluate_model(
 
     at.NON_NEGATIVE_INT.check("wrong_keys", wrong_keys)
     at.COUNT.check("batch_size", batch_size)
-    dev = pick_device(str(device) if device is not None else None)
+    meta = RunMeta.coerce(meta)
+    dev = pick_device(device)
     model = model.to(dev).eval()
-    data = align_classes(data, meta["classes"])
-    if tuple(data.image_shape) != tuple(meta["image_shape"]):
-        raise DataError(f"images are {data.image_shape}, the model was trained on {tuple(meta['image_shape'])}")
-    norm_doc = meta.get("normalize")
-    normalize = Normalize.from_json(norm_doc) if norm_doc is not None else None
-    cfg = meta.get("config", {})
-    amp = "bf16" if cfg.get("amp", "auto") == "auto" else cfg.get("amp", "off")
-    cl = cfg.get("channels_last", True)
+    data = align_classes(data, meta.classes)
+    if tuple(data.image_shape) != meta.image_shape:
+        raise DataError(f"images are {data.image_shape}, the model was trained on {meta.image_shape}")
 
     def acc(transform: KeyedTransform | None) -> float:
         use_inner_key(model, transform.inner if transform is not None else None)
-        loader = make_loader(data, batch_size, train=False, transform=transform, normalize=normalize, device=dev)
-        return predict_accuracy(model, loader, dev, amp, cl)
+        loader = make_loader(data, batch_size, train=False, transform=transform, normalize=meta.normalize, device=dev)
+        return predict_accuracy(model, loader, dev, meta.amp, meta.channels_last)
 
-    model_key = meta.get("key")
-    if meta.get("passport") or passports is not None:
+    model_key = meta.key
+    if meta.passport or passports is not None:
         return _evaluate_passports(model, meta, data, key, passports, wrong_keys, acc, progress)
     rows = []
     matches = None
     if key is not None:
-        matches = model_key is not None and key.fingerprint == model_key["fingerprint"]
+        matches = model_key is not None and key.fingerprint == model_key.fingerprint
         label = "correct key" if matches else f"given key {key.fingerprint} (NOT the model's key)"
         rows.append(_stats(label, [acc(KeyedTransform(key))]))
     elif model_key is None:
@@ -164,14 +161,15 @@ def evaluate_model(
     if model_key is not None:
         rows.append(_stats("plain images", [acc(None)]))
         if wrong_keys > 0:
-            recipe = model_key.get("spec", model_key["recipe"])  # ffx-all draws ffx-all wrong keys
-            m, c = model_key["block_size"], model_key["channels"]
+            recipe = model_key.steps  # ffx-all draws ffx-all wrong keys
+            m, c = model_key.block_size, model_key.channels
             accs = []
             for _ in tqdm(range(wrong_keys), desc="wrong keys", leave=False, disable=not progress):
                 accs.append(acc(KeyedTransform(KeySet.generate(recipe, m, c))))
             rows.append(_stats(f"{wrong_keys} random wrong keys", accs))
     given = key.fingerprint if key else None
-    return EvalReport(meta["model"], model_key, given, matches, len(data), len(meta["classes"]), rows)
+    key_doc = model_key.to_json() if model_key is not None else None
+    return EvalReport(meta.model, key_doc, given, matches, len(data), meta.num_classes, rows)
 
 
 def _evaluate_passports(
@@ -181,14 +179,14 @@ def _evaluate_passports(
     key: KeySet | None,
     passports: Passports | None,
     forged: int,
-    acc: Any,
+    acc: Callable[[KeyedTransform | None], float],
     progress: bool,
 ) -> EvalReport:
     from tqdm import tqdm
 
-    model_passport = meta.get("passport")
+    model_passport = meta.passport
     if model_passport is None:
-        raise PassportError(f"{meta['model']} is not a passport model; passports do not apply")
+        raise PassportError(f"{meta.model} is not a passport model; passports do not apply")
     if key is not None:
         raise PassportError("this model is protected by passports, not a key: give --passport, not --key")
     rows = []
@@ -209,21 +207,24 @@ def _evaluate_passports(
     if passports is not None:
         passports.attach(model)  # leave the model as given
     given = passports.fingerprint if passports is not None else None
-    return EvalReport(meta["model"], None, given, matches, len(data), len(meta["classes"]), rows)
+    return EvalReport(meta.model, None, given, matches, len(data), meta.num_classes, rows)
 
 
 def evaluate_run(run_dir: str | os.PathLike[str], data: Data, key: KeySet | None, **kwargs: Any) -> EvalReport:
     """:func:`evaluate_model` for a run directory written by :func:`blockkey.train.fit`."""
     model, meta = load_model(run_dir)
-    model_key = meta.get("key")
-    shape_differs = (
+    model_key = meta.key
+    if (
         key is not None
         and model_key is not None
-        and (key.block_size != model_key["block_size"] or key.channels != model_key["channels"])
-    )
-    if shape_differs:
+        and (key.block_size, key.channels)
+        != (
+            model_key.block_size,
+            model_key.channels,
+        )
+    ):
         raise CheckpointError(
             f"the key is for M={key.block_size}, C={key.channels}; the model for "
-            f"M={model_key['block_size']}, C={model_key['channels']}"
+            f"M={model_key.block_size}, C={model_key.channels}"
         )
     return evaluate_model(model, meta, data, key, **kwargs)

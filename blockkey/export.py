@@ -214,9 +214,9 @@ def export_onnx(
     key = KeySet.load(key) if isinstance(key, (str, os.PathLike)) else key
     passports = Passports.load(passports) if isinstance(passports, (str, os.PathLike)) else passports
     meta = read_meta(run_dir)
-    model_key = meta.get("key")
+    model_key = meta.key
     if model_key is not None and key is None:
-        if "inner" in model_key.get("spec", ()):
+        if model_key.has_inner:
             raise BlockkeyError(
                 "this model's key has an inner part, which lives inside the network: an export without the key "
                 "cannot run it; export with --key (the file then holds the key)"
@@ -229,7 +229,7 @@ def export_onnx(
         mode = "key-in-graph" if key is not None else ("passports-in-graph" if passports is not None else "plain")
         secret = mode != "plain"
     net, meta = load_normalized_net(run_dir, passports, key)
-    shape = tuple(meta["image_shape"])
+    shape = meta.image_shape
     g = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (4, *shape), dtype=torch.uint8, generator=g)
     module: nn.Module
@@ -239,13 +239,13 @@ def export_onnx(
         module, example, name = KeyInGraph(compile_plan(key, shape[1:]), net), pixels, "images"  # type: ignore[arg-type]
     else:
         module, example, name = PlainInput(net), pixels, "images"
-    proto = _export(module, example, name, opset, meta["model"])
+    proto = _export(module, example, name, opset, meta.model)
     doc = {
-        "blockkey.model": meta["model"],
-        "blockkey.classes": json.dumps(meta["classes"]),
+        "blockkey.model": meta.model,
+        "blockkey.classes": json.dumps(list(meta.classes)),
         "blockkey.input": mode,
-        "blockkey.key_fingerprint": (model_key or {}).get("fingerprint", ""),
-        "blockkey.passport_fingerprint": (meta.get("passport") or {}).get("fingerprint", ""),
+        "blockkey.key_fingerprint": model_key.fingerprint if model_key is not None else "",
+        "blockkey.passport_fingerprint": (meta.passport or {}).get("fingerprint", ""),
     }
     onnx.helper.set_model_props(proto, doc)
     onnx.checker.check_model(proto)
@@ -258,7 +258,7 @@ def export_onnx(
         input_dtype="uint8" if name == "images" else "float32",
         input_shape=["N", *shape],
         holds_secret=secret,
-        fingerprint=(model_key or meta.get("passport") or {}).get("fingerprint"),
+        fingerprint=meta.fingerprint,
         opset=opset,
         seconds=round(time.perf_counter() - t0, 2),
         max_abs_logit_diff=diff,

@@ -30,6 +30,7 @@ from .errors import BlockkeyError, ImageFileError, KeyMismatchError, ShapeError
 from .imageio import read_image
 from .keys import KeySet
 from .passport import PassportError, Passports
+from .runtime import normalise, pick_device
 from .transforms import KeyedTransform
 
 __all__ = [
@@ -79,14 +80,14 @@ class NormalizedNet(nn.Module):
         self.register_buffer("std", std.contiguous())
 
     def forward(self, y: Tensor) -> Tensor:
-        return self.model((y - self.mean) / self.std)
+        return self.model(normalise(y, (self.mean, self.std)))
 
 
 def check_model_key(
     meta: RunMeta, key: KeySet | None, run_dir: str | os.PathLike[str], passports: Passports | None = None
 ) -> None:
     """Refuse a key (or passports) that is not the one the model was trained with, or a missing one."""
-    model_key, model_passport = meta.get("key"), meta.get("passport")
+    model_key, model_passport = meta.key, meta.passport
     if model_passport:
         if key is not None:
             raise PassportError(f"{run_dir} is protected by passports, not a key: give --passport, not --key")
@@ -104,9 +105,9 @@ def check_model_key(
             raise KeyMismatchError(f"{run_dir} is not protected: it takes plain images, run it without --key")
         return
     if key is None:
-        raise KeyMismatchError(f"{run_dir} is protected (key {model_key['fingerprint']}): give its key (--key)")
-    if key.fingerprint != model_key["fingerprint"]:
-        raise KeyMismatchError(f"key {key.fingerprint} is not the key of {run_dir} ({model_key['fingerprint']})")
+        raise KeyMismatchError(f"{run_dir} is protected (key {model_key.fingerprint}): give its key (--key)")
+    if key.fingerprint != model_key.fingerprint:
+        raise KeyMismatchError(f"key {key.fingerprint} is not the key of {run_dir} ({model_key.fingerprint})")
 
 
 def load_normalized_net(
@@ -120,9 +121,7 @@ def load_normalized_net(
     if passports is not None:
         passports.attach(model)
     use_inner_key(model, key)
-    norm_doc = meta.get("normalize")
-    normalize = Normalize.from_json(norm_doc) if norm_doc is not None else None
-    net = NormalizedNet(model.float(), normalize, tuple(meta["image_shape"]))
+    net = NormalizedNet(model.float(), meta.normalize, meta.image_shape)
     return net.eval(), meta
 
 
@@ -233,14 +232,12 @@ class Predictor:
         passports = Passports.load(passports) if isinstance(passports, (str, os.PathLike)) else passports
         check_model_key(read_meta(run_dir), key, run_dir, passports)
         self.net, self.meta = load_normalized_net(run_dir, passports, key)
-        from .train import pick_device
-
-        self.device = pick_device(str(device))
+        self.device = pick_device(device)
         self.net.to(self.device)
         self.transform = KeyedTransform(key).to(self.device) if key is not None else None
-        self.classes: tuple[str, ...] = tuple(self.meta["classes"])
-        self.image_shape: tuple[int, int, int] = tuple(self.meta["image_shape"])  # type: ignore[assignment]
-        self.stream_view = bool(self.meta.get("data", {}).get("stream_image_size"))
+        self.classes: tuple[str, ...] = self.meta.classes
+        self.image_shape: tuple[int, int, int] = self.meta.image_shape
+        self.stream_view = self.meta.stream_image_size is not None
         self.batch_size = batch_size
 
     def preprocess(self, image: ImageLike) -> Tensor:

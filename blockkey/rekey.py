@@ -31,9 +31,8 @@ from __future__ import annotations
 import copy
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +43,9 @@ from .data import Normalize
 from .errors import BlockkeyError, KeyMismatchError
 from .functional import PIXEL_MAX, compile_block_plan, from_blocks, to_blocks
 from .keys import KeySet
+from .meta import KeyInfo
 from .models import patch_embedding
+from .runtime import normalise
 from .transforms import KeyedTransform
 
 __all__ = [
@@ -179,9 +180,7 @@ def logit_error(
 
     def logits(model: nn.Module, norm: Normalize | None, key: KeySet | None) -> Tensor:
         x = (KeyedTransform(key).encode(u) if key is not None else u).to(dtype) / PIXEL_MAX  # exact codes / 255
-        if norm is not None:
-            mean, std = norm.tensors(image_shape, "cpu", dtype)
-            x = (x - mean) / std
+        x = normalise(x, norm.tensors(image_shape, "cpu", dtype) if norm is not None else None)
         net = copy.deepcopy(model).cpu().to(dtype).eval()
         with torch.no_grad():
             return net(x)
@@ -207,49 +206,42 @@ def _rekey_run(
         raise CheckpointError(f"{out_dir} is not empty; pick a new folder for the converted model")
     t0 = time.perf_counter()
     model, meta = load_model(run_dir)
-    model_key = meta.get("key")
+    model_key = meta.key
     if old_key is None and model_key is not None:
         raise KeyMismatchError(
-            f"{run_dir} is already protected (key {model_key['fingerprint']}); use `blockkey rekey --old-key`"
+            f"{run_dir} is already protected (key {model_key.fingerprint}); use `blockkey rekey --old-key`"
         )
     if old_key is not None:
         if model_key is None:
             raise KeyMismatchError(f"{run_dir} is not protected; use `blockkey convert`")
-        if old_key.fingerprint != model_key["fingerprint"]:
+        if old_key.fingerprint != model_key.fingerprint:
             raise KeyMismatchError(
-                f"the old key {old_key.fingerprint} is not the key of {run_dir} ({model_key['fingerprint']})"
+                f"the old key {old_key.fingerprint} is not the key of {run_dir} ({model_key.fingerprint})"
             )
-    norm_doc = meta.get("normalize")
-    normalize = Normalize.from_json(norm_doc) if norm_doc is not None else None
+    normalize = meta.normalize
     new_model, new_norm = rekey_model(model, normalize, old_key, new_key)
-    shape = tuple(meta["image_shape"])
-    error = logit_error(model, normalize, old_key, new_model, new_norm, new_key, shape)  # type: ignore[arg-type]
+    error = logit_error(model, normalize, old_key, new_model, new_norm, new_key, meta.image_shape)
     if not error < EXACT_TOLERANCE:
         raise RekeyError(
-            f"conversion check failed (relative logit error {error:.1e}): {meta['model']} does not feed pixels "
+            f"conversion check failed (relative logit error {error:.1e}): {meta.model} does not feed pixels "
             "only through its patch embedding"
         )
     seconds = time.perf_counter() - t0
-    from .train import key_info
-
-    history = list(meta.get("conversions", []))
-    history.append(
-        {
-            "action": action,
-            "from_run": str(run_dir),
-            "from_key": model_key["fingerprint"] if model_key else None,
-            "to_key": new_key.fingerprint if new_key else None,
-            "max_rel_logit_error_float64": error,
-            "seconds": round(seconds, 3),
-        }
-    )
-    new_meta: dict[str, Any] = {
-        **meta,
-        "key": key_info(new_key),
-        "normalize": new_norm.to_json(),
-        "conversions": history,
-        "evaluation": carried_evaluation(meta, str(run_dir)),
+    step = {
+        "action": action,
+        "from_run": str(run_dir),
+        "from_key": model_key.fingerprint if model_key else None,
+        "to_key": new_key.fingerprint if new_key else None,
+        "max_rel_logit_error_float64": error,
+        "seconds": round(seconds, 3),
     }
+    new_meta = replace(
+        meta,
+        key=KeyInfo.from_key(new_key),
+        normalize=new_norm,
+        conversions=[*meta.conversions, step],
+        evaluation=carried_evaluation(meta, str(run_dir)),
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     save_run(out_dir, new_model, new_meta)
     write_model_card(out_dir, new_meta)

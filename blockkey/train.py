@@ -28,12 +28,10 @@ from torch import nn
 from . import __version__
 from . import argtypes as at
 from .checkpoint import (
-    META_FORMAT,
-    META_VERSION,
     CheckpointError,
-    RunMeta,
     clear_states,
     load_weights,
+    read_meta,
     save_run,
     save_tensors_atomic,
     write_json_atomic,
@@ -43,11 +41,13 @@ from .errors import BlockkeyError, OptionError, ShapeError
 from .fileio import write_text
 from .inner import use_inner_key
 from .keys import KeySet
+from .meta import KeyInfo, RunMeta, key_info
 from .models import create_model
 from .passport import PassportError, Passports, passport_layers, sign_loss
+from .runtime import autocast, pick_device, predict_accuracy, resolve_amp
 from .transforms import KeyedTransform
 
-__all__ = ["TrainConfig", "autocast", "fit", "pick_device"]
+__all__ = ["TrainConfig", "autocast", "fit", "pick_device", "predict_accuracy"]  # the last three: from runtime
 
 
 @dataclass
@@ -91,20 +91,6 @@ class TrainConfig:
         ):
             if value not in allowed:
                 raise OptionError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def autocast(device: torch.device, amp: str):  # type: ignore[no-untyped-def]
-    """The autocast context for ``amp`` on ``device`` (a no-op context for ``off``)."""
-    if amp == "off":
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -155,16 +141,13 @@ def _probe(model: nn.Module, image_shape: tuple[int, int, int], name: str) -> No
         model.train()
 
 
-def _init_from(model: nn.Module, cfg: TrainConfig, classes: tuple[str, ...]) -> None:
-    from .checkpoint import read_meta
-
-    src = cfg.init_from
-    meta = read_meta(src)  # type: ignore[arg-type]
-    if meta["model"] != cfg.model or meta.get("model_kwargs", {}) != cfg.model_kwargs:
-        raise CheckpointError(f"--init-from {src}: a {meta['model']} {meta.get('model_kwargs', {})}, not {cfg.model}")
-    if list(meta["classes"]) != list(classes):
+def _init_from(model: nn.Module, src: str, cfg: TrainConfig, classes: tuple[str, ...]) -> None:
+    meta = read_meta(src)
+    if meta.model != cfg.model or meta.model_kwargs != cfg.model_kwargs:
+        raise CheckpointError(f"--init-from {src}: a {meta.model} {meta.model_kwargs}, not {cfg.model}")
+    if list(meta.classes) != list(classes):
         raise CheckpointError(f"--init-from {src}: its classes differ from the data's")
-    model.load_state_dict(load_weights(Path(src) / "model.safetensors"))  # type: ignore[arg-type]
+    model.load_state_dict(load_weights(Path(src) / "model.safetensors"))
 
 
 def _versions() -> dict[str, str]:
@@ -175,19 +158,6 @@ def _versions() -> dict[str, str]:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
-    }
-
-
-def key_info(key: KeySet | None) -> dict[str, Any] | None:
-    """What a checkpoint stores about a key: recipe and fingerprint, never material."""
-    if key is None:
-        return None
-    return {
-        "fingerprint": key.fingerprint,
-        "recipe": list(key.recipe),
-        "spec": list(key.spec),
-        "block_size": key.block_size,
-        "channels": key.channels,
     }
 
 
@@ -235,27 +205,6 @@ def _init_distributed(device: torch.device) -> tuple[_Dist, torch.device, bool]:
         return d, device, False
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return d, device, True
-
-
-@torch.no_grad()
-def predict_accuracy(
-    model: nn.Module,
-    loader: BatchLoader | StreamLoader,
-    device: torch.device,
-    amp: str = "auto",
-    channels_last: bool = True,
-) -> float:
-    """Top-1 accuracy of ``model`` over ``loader`` (evaluation mode)."""
-    model.eval()
-    correct = total = 0
-    for x, y in loader:
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            pred = model(x).argmax(1)
-        correct += int((pred == y).sum())
-        total += y.numel()
-    return correct / max(1, total)
 
 
 def check_training_data(train: Data) -> None:
@@ -335,17 +284,85 @@ def _fit(
     passports: Passports | None,
     compile_model: bool = False,
 ) -> RunMeta:
-    from tqdm import tqdm
-
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     say = log if dist.main else (lambda s: None)
+    _check_data(train, key)
+    state_dir = _open_run(run, resume, dist)
+    transform = KeyedTransform(key) if key is not None else None
+    # A twin without a key uses the model's patch as its blocks (so both share everything), else channels.
+    twin_blocks = cfg.model_kwargs.get("patch")
+    mode = cfg.norm if (key is not None or twin_blocks or cfg.norm == "none") else "channel"
+    normalize = Normalize.fit(train, transform, mode, block_size=twin_blocks)
+    model = _build_model(train, key, cfg, passports, device)
+    loop = _make_loop(train, val, transform, normalize, model, cfg, device, dist, passports, progress)
+    identity = _identity(cfg, key, passports)
+    start_epoch, history = _read_state(state_dir, identity, model, loop.opt, device) if state_dir else (0, [])
+    if state_dir:
+        say(f"resuming {run} after epoch {start_epoch}/{cfg.epochs}")
+    loop.net = _wrap(model, dist, device, compile_model)
+    protected = f"key {key.fingerprint} ({key.label}, M={key.block_size})" if key else "no key"
+    if passports is not None:
+        protected = f"passports {passports.fingerprint}, {len(passport_layers(model))} layers"
+    say(
+        f"training {cfg.model} on {len(train)} images ({protected}), {cfg.epochs} epochs x {loop.steps_per_epoch} "
+        f"steps, device {device}, amp {loop.amp}, world size {dist.world_size}"
+    )
+    for epoch in range(start_epoch, cfg.epochs):
+        row = _train_epoch(loop, epoch, dist.main)
+        history.append(row)
+        say(
+            f"epoch {row['epoch']}/{cfg.epochs}  loss {row['train_loss']:.3f}  train {row['train_acc']:.1%}"
+            + (f"  val {row['val_acc']:.1%}" if "val_acc" in row else "")
+            + f"  {row['seconds']:.0f}s"
+        )
+        if dist.main and epoch + 1 < cfg.epochs:
+            _save_state(run, model, loop.opt, {**identity, "epoch": epoch + 1, "history": history})
+    meta = _run_meta(cfg, train, key, passports, normalize, data_info, dist, history)
+    _finish(run, model, meta, dist)
+    return meta
+
+
+def _run_meta(
+    cfg: TrainConfig,
+    train: Data,
+    key: KeySet | None,
+    passports: Passports | None,
+    normalize: Normalize | None,
+    data_info: dict[str, Any] | None,
+    dist: _Dist,
+    history: list[dict[str, Any]],
+) -> RunMeta:
+    """The finished run's metadata (``meta.json``)."""
+    return RunMeta(
+        model=cfg.model,
+        model_kwargs=cfg.model_kwargs,
+        classes=tuple(train.classes),
+        image_shape=train.image_shape,
+        key=KeyInfo.from_key(key),
+        passport=passports.info() if passports else None,
+        normalize=normalize,
+        config=asdict(cfg),
+        data=data_info or {},
+        world_size=dist.world_size,
+        versions=_versions(),
+        epochs_done=cfg.epochs,
+        history=history,
+        metrics=history[-1] if history else {},
+    )
+
+
+def _check_data(train: Data, key: KeySet | None) -> None:
+    """Training data that can train a classifier, in images the key fits."""
     check_training_data(train)
-    if key is not None and train.image_shape[0] != key.channels:
-        raise ShapeError(f"the key is for {key.channels}-channel images; the data has {train.image_shape[0]}")
-    if key is not None and (train.image_shape[1] % key.block_size or train.image_shape[2] % key.block_size):
-        h, w = train.image_shape[1:]
+    c, h, w = train.image_shape
+    if key is not None and c != key.channels:
+        raise ShapeError(f"the key is for {key.channels}-channel images; the data has {c}")
+    if key is not None and (h % key.block_size or w % key.block_size):
         raise ShapeError(f"image size {h}x{w} is not divisible by the block size {key.block_size}")
 
+
+def _open_run(run: Path, resume: bool, dist: _Dist) -> Path | None:
+    """Create the run folder (or check it can be resumed); the state folder to resume from, if any."""
     latest = run / "LATEST"
     if run.exists() and not resume and ((run / "meta.json").exists() or latest.exists()):
         raise CheckpointError(f"{run} already holds a run; use --resume to continue it or pick another folder")
@@ -355,19 +372,18 @@ def _fit(
         raise CheckpointError(f"{run}: nothing to resume (no LATEST state)")
     if dist.main:
         run.mkdir(parents=True, exist_ok=True)
+    return run / latest.read_text().strip() if resume else None
 
-    transform = KeyedTransform(key) if key is not None else None
-    # A twin without a key uses the model's patch as its blocks (so both share everything), else channels.
-    twin_blocks = cfg.model_kwargs.get("patch")
-    mode = cfg.norm if (key is not None or twin_blocks or cfg.norm == "none") else "channel"
-    normalize = Normalize.fit(train, transform, mode, block_size=twin_blocks)
-    amp = "bf16" if cfg.amp == "auto" else cfg.amp
 
+def _build_model(
+    train: Data, key: KeySet | None, cfg: TrainConfig, passports: Passports | None, device: torch.device
+) -> nn.Module:
+    """The network to train: seeded init (or ``init_from``), protection attached, probed, layers frozen."""
     with torch.random.fork_rng(devices=[]):  # the init seed does not leak into the caller's global RNG
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, len(train.classes), train.image_shape[0], **cfg.model_kwargs)
     if cfg.init_from is not None:
-        _init_from(model, cfg, train.classes)
+        _init_from(model, cfg.init_from, cfg, train.classes)
     has_passport_layers = bool(passport_layers(model))
     if passports is not None:
         if key is not None:
@@ -381,6 +397,45 @@ def _fit(
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+@dataclass
+class _Loop:
+    """What one training epoch needs (built once by :func:`_make_loop`)."""
+
+    model: nn.Module  # the module whose weights are saved
+    net: nn.Module  # what the batches go through (DDP / compiled wrapper of ``model``, or ``model``)
+    opt: torch.optim.Optimizer
+    loader: BatchLoader | StreamLoader
+    val_loader: BatchLoader | StreamLoader | None
+    criterion: nn.Module
+    scaler: torch.amp.GradScaler
+    cfg: TrainConfig
+    device: torch.device
+    amp: str
+    sign_loss: bool
+    progress: bool
+    steps_per_epoch: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+
+def _make_loop(
+    train: Data,
+    val: Data | None,
+    transform: KeyedTransform | None,
+    normalize: Normalize | None,
+    model: nn.Module,
+    cfg: TrainConfig,
+    device: torch.device,
+    dist: _Dist,
+    passports: Passports | None,
+    progress: bool,
+) -> _Loop:
+    """Optimizer, loaders, loss and scaler around ``model`` (:func:`_wrap` adds DDP / compile later)."""
     opt = torch.optim.SGD(
         _param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
     )
@@ -397,111 +452,84 @@ def _fit(
         rank=dist.rank,
         world_size=dist.world_size,
     )
-    val_loader = (
-        make_loader(val, 512, train=False, transform=transform, normalize=normalize, device=device)
-        if val is not None and len(val)
-        else None
-    )
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
+    val_loader = None
+    if val is not None and len(val):
+        val_loader = make_loader(val, 512, train=False, transform=transform, normalize=normalize, device=device)
+    if len(loader) == 0:
         raise DataError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size}")
-    total_steps = cfg.epochs * steps_per_epoch
+    amp = resolve_amp(cfg.amp)
+    return _Loop(
+        model=model,
+        net=model,
+        opt=opt,
+        loader=loader,
+        val_loader=val_loader,
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),  # fp16 needs loss scaling; bf16 does not
+        cfg=cfg,
+        device=device,
+        amp=amp,
+        sign_loss=passports is not None and cfg.sign_loss > 0,
+        progress=progress,
+        steps_per_epoch=len(loader),
+    )
 
-    start_epoch, history = 0, []
-    if resume:
-        state_dir = run / latest.read_text().strip()
-        try:
-            state_meta = json.loads((state_dir / "state.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{state_dir}: cannot read the saved state ({e})") from None
-        if state_meta["config"] != asdict(cfg):
-            raise CheckpointError(f"{run}: --resume with a different training configuration")
-        if state_meta["key"] != key_info(key):
-            raise CheckpointError(f"{run}: --resume with a different key (or --no-key mismatch)")
-        if state_meta.get("passport") != (passports.info() if passports else None):
-            raise CheckpointError(f"{run}: --resume with different passports")
-        model.load_state_dict(load_weights(state_dir / "model.safetensors"))
-        _load_optimizer(opt, {k: v.to(device) for k, v in load_weights(state_dir / "optimizer.safetensors").items()})
-        start_epoch, history = state_meta["epoch"], state_meta["history"]
-        say(f"resuming {run} after epoch {start_epoch}/{cfg.epochs}")
 
+def _wrap(model: nn.Module, dist: _Dist, device: torch.device, compile_model: bool) -> nn.Module:
+    """What the training batches go through: ``model``, under DDP for several processes, compiled if asked."""
     net: nn.Module = model
     if dist.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if compile_model:
-        net = torch.compile(net)  # type: ignore[assignment]
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # fp16 needs loss scaling; bf16 does not
-    protected = f"key {key.fingerprint} ({key.label}, M={key.block_size})" if key else "no key"
-    if passports is not None:
-        protected = f"passports {passports.fingerprint}, {len(passport_layers(model))} layers"
-    with_sign_loss = passports is not None and cfg.sign_loss > 0
-    say(
-        f"training {cfg.model} on {len(train)} images ({protected}), {cfg.epochs} epochs x {steps_per_epoch} steps, "
-        f"device {device}, amp {amp}, world size {dist.world_size}"
-    )
+        net = torch.compile(net)  # type: ignore[assignment]  # a callable wrapper that behaves as the module
+    return net
 
-    meta_base = {
-        "format": META_FORMAT,
-        "version": META_VERSION,
-        "model": cfg.model,
-        "model_kwargs": cfg.model_kwargs,
-        "classes": list(train.classes),
-        "image_shape": list(train.image_shape),
-        "key": key_info(key),
-        "passport": passports.info() if passports else None,
-        "normalize": normalize.to_json() if normalize is not None else None,
-        "config": asdict(cfg),
-        "data": data_info or {},
-        "world_size": dist.world_size,
-        "versions": _versions(),
+
+def _train_epoch(loop: _Loop, epoch: int, main: bool) -> dict[str, Any]:
+    """One epoch over the training loader; its history row (validation accuracy on the main process)."""
+    from tqdm import tqdm
+
+    cfg, device = loop.cfg, loop.device
+    t0 = time.perf_counter()
+    loop.net.train()
+    loop.loader.set_epoch(epoch)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    bar = tqdm(loop.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not (loop.progress and main))
+    for i, (x, y) in enumerate(bar):
+        step = epoch * loop.steps_per_epoch + i
+        for g in loop.opt.param_groups:
+            g["lr"] = _lr_at(step, loop.total_steps, cfg)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, loop.amp):
+            out = loop.net(x)
+            loss = loop.criterion(out.float(), y)
+            if loop.sign_loss:
+                loss = loss + sign_loss(loop.model, cfg.sign_loss)
+        loop.opt.zero_grad(set_to_none=True)
+        loop.scaler.scale(loss).backward()
+        loop.scaler.step(loop.opt)
+        loop.scaler.update()
+        loss_sum += loss.detach() * y.numel()
+        correct += (out.argmax(1) == y).sum()
+        seen += y.numel()
+    if not math.isfinite(float(loss_sum)):
+        raise BlockkeyError(f"training diverged at epoch {epoch + 1} (loss is {float(loss_sum)}); lower --lr")
+    row: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "train_loss": round(float(loss_sum) / seen, 4),
+        "train_acc": round(float(correct) / seen, 4),
+        "seconds": round(time.perf_counter() - t0, 1),
     }
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        net.train()
-        loader.set_epoch(epoch)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not (progress and dist.main))
-        for i, (x, y) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total_steps, cfg)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp):
-                out = net(x)
-                loss = criterion(out.float(), y)
-                if with_sign_loss:
-                    loss = loss + sign_loss(model, cfg.sign_loss)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            loss_sum += loss.detach() * y.numel()
-            correct += (out.argmax(1) == y).sum()
-            seen += y.numel()
-        if not math.isfinite(float(loss_sum)):
-            raise BlockkeyError(f"training diverged at epoch {epoch + 1} (loss is {float(loss_sum)}); lower --lr")
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": round(float(loss_sum) / seen, 4),
-            "train_acc": round(float(correct) / seen, 4),
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-        if val_loader is not None and dist.main:
-            row["val_acc"] = round(predict_accuracy(model, val_loader, device, amp, cfg.channels_last), 4)
-        history.append(row)
-        say(
-            f"epoch {row['epoch']}/{cfg.epochs}  loss {row['train_loss']:.3f}  train {row['train_acc']:.1%}"
-            + (f"  val {row['val_acc']:.1%}" if "val_acc" in row else "")
-            + f"  {row['seconds']:.0f}s"
-        )
-        if dist.main and epoch + 1 < cfg.epochs:
-            _save_state(run, model, opt, epoch + 1, history, cfg, key, passports)
+    if loop.val_loader is not None and main:
+        row["val_acc"] = round(predict_accuracy(loop.model, loop.val_loader, device, loop.amp, cfg.channels_last), 4)
+    return row
 
-    meta = {**meta_base, "epochs_done": cfg.epochs, "history": history, "metrics": history[-1] if history else {}}
+
+def _finish(run: Path, model: nn.Module, meta: RunMeta, dist: _Dist) -> None:
+    """Write the finished run (main process), remove the resumable states, wait for every rank."""
     if dist.main:
         save_run(run, model, meta)
         clear_states(run)
@@ -509,36 +537,50 @@ def _fit(
         import torch.distributed as tdist
 
         tdist.barrier()
-    return meta
 
 
-def _save_state(
-    run: Path,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    epoch: int,
-    history: list,
-    cfg: TrainConfig,
-    key: KeySet | None,
-    passports: Passports | None,
-) -> None:
+# --------------------------------------------------------------------------------------------
+# Resumable state: ``run/state-NNNN/`` (model, optimizer, state.json) and the ``run/LATEST`` pointer.
+# state.json = the run's identity (what a resume must match) + ``epoch`` + ``history``.
+# --------------------------------------------------------------------------------------------
+
+_IDENTITY_ERRORS = {
+    "config": "a different training configuration",
+    "key": "a different key (or --no-key mismatch)",
+    "passport": "different passports",
+}
+
+
+def _identity(cfg: TrainConfig, key: KeySet | None, passports: Passports | None) -> dict[str, Any]:
+    """What a resumed run must share with the saved state (the ``_IDENTITY_ERRORS`` fields of state.json)."""
+    return {"config": asdict(cfg), "key": key_info(key), "passport": passports.info() if passports else None}
+
+
+def _save_state(run: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """A complete resumable state in ``state-NNNN/``, then the LATEST pointer, then old states go."""
-    name = f"state-{epoch:04d}"
+    name = f"state-{state['epoch']:04d}"
     d = run / name
     d.mkdir(exist_ok=True)
     save_tensors_atomic(d / "model.safetensors", model.state_dict())
     save_tensors_atomic(d / "optimizer.safetensors", _optimizer_tensors(opt))
-    write_json_atomic(
-        d / "state.json",
-        {
-            "epoch": epoch,
-            "history": history,
-            "config": asdict(cfg),
-            "key": key_info(key),
-            "passport": passports.info() if passports else None,
-        },
-    )
+    write_json_atomic(d / "state.json", state)
     write_text(run / "LATEST", name)
     for old in run.glob("state-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_state(
+    state_dir: Path, identity: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, device: torch.device
+) -> tuple[int, list[dict[str, Any]]]:
+    """Load a state written by :func:`_save_state` into ``model`` and ``opt``: (epochs done, history)."""
+    try:
+        state = json.loads((state_dir / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{state_dir}: cannot read the saved state ({e})") from None
+    for name, what in _IDENTITY_ERRORS.items():
+        if state.get(name) != identity[name]:
+            raise CheckpointError(f"{state_dir.parent}: --resume with {what}")
+    model.load_state_dict(load_weights(state_dir / "model.safetensors"))
+    _load_optimizer(opt, {k: v.to(device) for k, v in load_weights(state_dir / "optimizer.safetensors").items()})
+    return state["epoch"], state["history"]

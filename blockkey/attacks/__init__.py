@@ -22,8 +22,9 @@ from torch import nn
 from ..data import Data, Normalize, make_loader
 from ..inner import use_inner_key
 from ..keys import KeySet
+from ..meta import RunMeta
 from ..passport import Passports
-from ..train import predict_accuracy
+from ..runtime import predict_accuracy
 from ..transforms import KeyedTransform
 
 __all__ = ["AttackReport", "Target", "accuracy", "make_report"]
@@ -39,20 +40,22 @@ class Target:
     """
 
     model: nn.Module
-    meta: dict[str, Any]
+    meta: RunMeta  # a meta.json-shaped mapping is read into a RunMeta
     key: KeySet | Passports
     val: Data
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    def __post_init__(self) -> None:
+        self.meta = RunMeta.coerce(self.meta)
+
     @property
     def normalize(self) -> Normalize | None:
-        doc = self.meta.get("normalize")
-        return Normalize.from_json(doc) if doc is not None else None
+        return self.meta.normalize
 
     @property
     def amp(self) -> str:
-        amp = self.meta.get("config", {}).get("amp", "auto")
-        return "bf16" if amp == "auto" else amp
+        """The run's autocast mode, resolved (``auto`` -> ``bf16``)."""
+        return self.meta.amp
 
 
 def accuracy(
@@ -158,12 +161,12 @@ def make_report(target: Target, attack: str, rows: list[dict[str, Any]], started
         recipe, holder, plain = list(key.spec), accuracy(target, KeyedTransform(key)), accuracy(target, None)
     return AttackReport(
         attack,
-        target.meta["model"],
+        target.meta.model,
         key.fingerprint,
         recipe,
         holder,
         plain,
-        1 / len(target.meta["classes"]),
+        1 / target.meta.num_classes,
         rows,
         time.perf_counter() - started,
     )

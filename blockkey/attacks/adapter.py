@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import argtypes as at
 from ..data import Data, Normalize, make_loader, stratified_subset
 from ..functional import from_blocks, to_blocks
-from ..train import autocast
+from ..runtime import autocast, normalise
 from . import AttackReport, Target, accuracy, make_report
 
 __all__ = ["BlockAdapter", "adapter_attack", "train_adapter"]
@@ -58,7 +58,7 @@ class BlockAdapter(nn.Module):
         if self.normalize is not None:
             if self._norm is None or self._norm[0].device != y.device or self._norm[0].shape != y.shape[-3:]:
                 self._norm = self.normalize.tensors(tuple(y.shape[-3:]), y.device)
-            y = (y - self._norm[0]) / self._norm[1]
+            y = normalise(y, self._norm)
         return y
 
 

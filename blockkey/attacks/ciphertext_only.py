@@ -32,7 +32,7 @@ from torch import Tensor
 from .. import argtypes as at
 from ..data import ImageTensors
 from ..functional import FFX_MAX, PIXEL_MAX, BlockPlan, compile_block_plan, to_blocks
-from ..train import autocast
+from ..runtime import autocast, normalise
 from ..transforms import KeyedTransform
 from . import AttackReport, Target, accuracy, make_report
 from .known_plaintext import key_agreement
@@ -131,8 +131,7 @@ def _confidence_scorer(target: Target, plain: ImageTensors) -> Callable[[BlockPl
     @torch.no_grad()
     def score(plan: BlockPlan) -> float:
         x = KeyedTransform(plan).to(target.device)(x0)
-        if nt is not None:
-            x = (x - nt[0]) / nt[1]
+        x = normalise(x, nt)
         with autocast(target.device, target.amp):
             logits = target.model.eval()(x).float()
         return float(logits.softmax(1).max(1).values.mean())

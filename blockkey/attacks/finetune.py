@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from .. import argtypes as at
 from ..data import Data, stratified_subset
@@ -49,17 +50,17 @@ def finetune_attack(
     meta = target.meta
     out = Path(out_dir)
     rows = []
-    base = {
-        "model": meta["model"],
-        "model_kwargs": meta.get("model_kwargs", {}),
+    base: dict[str, Any] = {
+        "model": meta.model,
+        "model_kwargs": meta.model_kwargs,
         "epochs": epochs,
-        "norm": meta.get("config", {}).get("norm", "channel"),
-        "amp": meta.get("config", {}).get("amp", "auto"),
-        "label_smoothing": meta.get("config", {}).get("label_smoothing", 0.0),
+        "norm": meta.norm_mode,
+        "amp": meta.amp,
+        "label_smoothing": meta.label_smoothing,
         "seed": seed,
     }
     forged = None
-    if meta.get("passport"):
+    if meta.passport:
         forged = Passports.generate(target.model, seed=seed + 1)
         base["sign_loss"] = 0.0
     quiet = (lambda s: None) if not progress else None

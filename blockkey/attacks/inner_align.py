@@ -238,7 +238,7 @@ def align_inner(
             perm, sign = _start(st)
             perm, sign, _ = _refine(st, perm, sign, sweeps, seconds_per_point)
         else:
-            perm, sign = _head(p, h, labels, len(target.meta["classes"]))
+            perm, sign = _head(p, h, labels, target.meta.num_classes)
         p.point.set(perm, sign)
         found[p.name] = (perm.clone(), sign.clone())
     return found

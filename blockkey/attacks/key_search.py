@@ -21,7 +21,7 @@ from .. import argtypes as at
 from ..data import Data, ImageTensors, stratified_subset
 from ..functional import compile_block_plan
 from ..keys import FFX, KeySet, NegPos, Shuffle
-from ..train import autocast
+from ..runtime import autocast, normalise
 from ..transforms import KeyedTransform
 from . import AttackReport, Target, accuracy, make_report
 from .known_plaintext import key_agreement
@@ -42,8 +42,7 @@ class _Scorer:
     @torch.no_grad()
     def __call__(self, key: KeySet) -> float:
         x = KeyedTransform(key).to(self.target.device)(self.x)
-        if self.norm is not None:
-            x = (x - self.norm[0]) / self.norm[1]
+        x = normalise(x, self.norm)
         with autocast(self.target.device, self.target.amp):
             pred = self.target.model.eval()(x).argmax(1)
         return float((pred == self.y).double().mean())

@@ -1,0 +1,213 @@
+"""A run's metadata (``RUN_DIR/meta.json``) as one typed, frozen record: :class:`RunMeta`.
+
+The file format is unchanged (``format: blockkey.model``, ``version: 1``, the same keys); runs written
+before a key was added still load, with the defaults defined here and nowhere else. Readers use the
+typed fields and the resolved properties (``amp``, ``normalize``, ``key.steps``, ...), never string keys
+with their own defaults. For scripts that index ``meta["key"]`` a :class:`RunMeta` is also a read-only
+mapping over its JSON form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from .data import Normalize
+from .errors import CheckpointError
+from .runtime import resolve_amp
+
+if TYPE_CHECKING:
+    from .keys import KeySet
+
+__all__ = ["META_FORMAT", "META_VERSION", "KeyInfo", "RunMeta", "key_info"]
+
+META_FORMAT = "blockkey.model"
+META_VERSION = 1
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What a run stores about its key: the recipe and fingerprint, never key material."""
+
+    fingerprint: str
+    recipe: tuple[str, ...]
+    block_size: int
+    channels: int
+    spec: tuple[str, ...] | None = None  # absent in runs made before key specs (then: the recipe)
+
+    @classmethod
+    def from_key(cls, key: KeySet | None) -> KeyInfo | None:
+        if key is None:
+            return None
+        return cls(key.fingerprint, tuple(key.recipe), key.block_size, key.channels, tuple(key.spec))
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The recipe tokens that draw keys like this one (``ffx-all``, ``inner`` included)."""
+        return self.spec if self.spec is not None else self.recipe
+
+    @property
+    def has_inner(self) -> bool:
+        return "inner" in self.steps
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"fingerprint": self.fingerprint, "recipe": list(self.recipe)}
+        if self.spec is not None:
+            doc["spec"] = list(self.spec)
+        return doc | {"block_size": self.block_size, "channels": self.channels}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> KeyInfo:
+        spec = doc.get("spec")
+        return cls(
+            str(doc["fingerprint"]),
+            tuple(doc["recipe"]),
+            int(doc["block_size"]),
+            int(doc["channels"]),
+            tuple(spec) if spec is not None else None,
+        )
+
+
+def key_info(key: KeySet | None) -> dict[str, Any] | None:
+    """What a run stores about ``key`` (its :class:`KeyInfo` as JSON), ``None`` without a key."""
+    info = KeyInfo.from_key(key)
+    return info.to_json() if info is not None else None
+
+
+# JSON key -> field name where they differ; the order is the order of meta.json.
+_ORDER = (
+    "model",
+    "model_kwargs",
+    "classes",
+    "image_shape",
+    "key",
+    "passport",
+    "normalize",
+    "config",
+    "data",
+    "world_size",
+    "versions",
+    "epochs_done",
+    "history",
+    "metrics",
+)
+_OPTIONAL = ("conversions", "evaluation")  # written only when present
+
+
+@dataclass(frozen=True)
+class RunMeta(Mapping[str, Any]):
+    """The metadata of a finished run (see the module docstring); :meth:`from_json` / :meth:`to_json`."""
+
+    model: str
+    classes: tuple[str, ...]
+    image_shape: tuple[int, int, int]
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    key: KeyInfo | None = None
+    passport: dict[str, Any] | None = None  # Passports.info(): fingerprint, layers, signature_bits
+    normalize: Normalize | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # the TrainConfig as trained (older runs: fewer fields)
+    data: dict[str, Any] = field(default_factory=dict)  # source, val_fraction, split_seed, limit, stream_image_size
+    world_size: int = 1
+    versions: dict[str, str] = field(default_factory=dict)
+    epochs_done: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    conversions: list[dict[str, Any]] = field(default_factory=list)  # convert / rekey steps, oldest first
+    evaluation: dict[str, Any] | None = None  # the model card's evaluation
+    extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they are
+
+    # -- resolved settings (the defaults for runs that predate a field live here only) --------------
+
+    @property
+    def amp(self) -> str:
+        """The autocast mode the run trained with, resolved (``auto`` -> ``bf16``)."""
+        return resolve_amp(str(self.config.get("amp", "auto")))
+
+    @property
+    def channels_last(self) -> bool:
+        return bool(self.config.get("channels_last", True))
+
+    @property
+    def norm_mode(self) -> str:
+        """The ``--norm`` setting it trained with (``channel``, ``position`` or ``none``)."""
+        return str(self.config.get("norm", "channel"))
+
+    @property
+    def label_smoothing(self) -> float:
+        return float(self.config.get("label_smoothing", 0.0))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The key's fingerprint, the passports' for a passport model, or ``None`` for a plain model."""
+        if self.key is not None:
+            return self.key.fingerprint
+        return str(self.passport["fingerprint"]) if self.passport else None
+
+    @property
+    def data_source(self) -> str | None:
+        return self.data.get("source") or None
+
+    @property
+    def stream_image_size(self) -> int | None:
+        return self.data.get("stream_image_size") or None
+
+    # -- JSON -------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``meta.json`` document (same keys and order as always)."""
+        doc: dict[str, Any] = {"format": META_FORMAT, "version": META_VERSION}
+        for name in _ORDER:
+            value = getattr(self, name)
+            if name in ("classes", "image_shape"):
+                value = list(value)
+            elif name in ("key", "normalize"):
+                value = value.to_json() if value is not None else None
+            doc[name] = value
+        for name in _OPTIONAL:
+            if getattr(self, name):
+                doc[name] = getattr(self, name)
+        return doc | self.extra
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any], source: str = "metadata") -> RunMeta:
+        """Read a ``meta.json`` document; :class:`CheckpointError` names what is wrong with it."""
+        if not isinstance(doc, Mapping) or doc.get("format") != META_FORMAT:
+            raise CheckpointError(f"{source}: not blockkey model metadata")
+        if doc.get("version") != META_VERSION:
+            raise CheckpointError(f"{source}: unsupported metadata version {doc.get('version')!r}")
+        try:
+            known = {f.name for f in fields(cls)} - {"extra"}
+            values: dict[str, Any] = {k: v for k, v in doc.items() if k in known and v is not None}
+            values["classes"] = tuple(doc["classes"])
+            c, h, w = (int(v) for v in doc["image_shape"])
+            values["image_shape"] = (c, h, w)
+            values["model"] = str(doc["model"])
+            if values.get("key") is not None:
+                values["key"] = KeyInfo.from_json(values["key"])
+            if values.get("normalize") is not None:
+                values["normalize"] = Normalize.from_json(values["normalize"])
+            extra = {k: v for k, v in doc.items() if k not in known and k not in ("format", "version")}
+            return cls(**values, extra=extra)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: incomplete or corrupt metadata ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def coerce(cls, meta: RunMeta | Mapping[str, Any]) -> RunMeta:
+        """``meta`` itself, or a ``meta.json``-shaped mapping read into a :class:`RunMeta`."""
+        return meta if isinstance(meta, RunMeta) else cls.from_json(meta)
+
+    # -- read-only mapping over the JSON form (for scripts written against meta.json) --------------
+
+    def __getitem__(self, name: str) -> Any:
+        return self.to_json()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_json())
+
+    def __len__(self) -> int:
+        return len(self.to_json())

@@ -1,0 +1,69 @@
+"""What every part that runs a network shares: the device, autocast, normalisation and accuracy.
+
+Training, evaluation, attacks, re-keying and prediction import these from here (never from the
+trainer), so that running a model does not pull in the training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+__all__ = ["AMP_MODES", "autocast", "normalise", "pick_device", "predict_accuracy", "resolve_amp"]
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` or ``"auto"``: CUDA if present, else the CPU; anything else as given."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_amp(amp: str) -> str:
+    """The autocast mode actually used: ``auto`` means bfloat16 (on CPU and GPU alike)."""
+    return "bf16" if amp == "auto" else amp
+
+
+def autocast(device: torch.device, amp: str) -> AbstractContextManager[None]:
+    """The autocast context for ``amp`` on ``device`` (a disabled one for ``off``; ``auto`` is bf16)."""
+    if amp == "off":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def normalise(x: Tensor, stats: tuple[Tensor, Tensor] | None) -> Tensor:
+    """``(x - mean) / std`` for ``stats = (mean, std)`` broadcastable to ``x``; ``x`` itself for ``None``."""
+    if stats is None:
+        return x
+    mean, std = stats
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def predict_accuracy(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device,
+    amp: str = "auto",
+    channels_last: bool = True,
+) -> float:
+    """Top-1 accuracy of ``model`` over ``loader``'s ``(inputs, labels)`` batches (evaluation mode)."""
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            pred = model(x).argmax(1)
+        correct += int((pred == y).sum())
+        total += y.numel()
+    return correct / max(1, total)
