@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from .fileio import atomic_path
 from .imageio import check_output_suffix, read_codes, read_image, sample_image, write_png
 from .keys import KeySet, parse_recipe, refuse_foreign_key
 from .meta import RunMeta
+from .runtime import AMP_MODES
 from .show import step_grid
 from .transforms import KeyedTransform
 
@@ -295,7 +297,7 @@ def _run_split(data: Any, meta: RunMeta) -> tuple[Any, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import stratified_split, stratified_subset
     from .models import block_aligned, model_accepts, size_kwargs
-    from .train import TrainConfig, fit
+    from .train import fit
 
     key = KeySet.load(args.key) if args.key else None
     if args.passport and args.protection != "passport":
@@ -317,19 +319,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     passports = None
     if args.protection == "passport":
         passports, model_kwargs = _passports_for(args, train, model_kwargs)
-    cfg = TrainConfig(
-        model=args.model,
-        model_kwargs=model_kwargs,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
-        peak=args.peak,
-        seed=args.seed,
-        amp=args.amp,
-        norm=args.norm,
-    )
+    cfg = train_config(args, model_kwargs)
     info = {
         "source": args.data,
         "val_fraction": args.val_fraction,
@@ -345,6 +335,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     text = f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in last.items())
     _emit(args, {"run": args.output, "metrics": last, "history": meta.history}, text)
     return 0
+
+
+def train_config(args: argparse.Namespace, model_kwargs: dict[str, Any]) -> Any:
+    """The :class:`~blockkey.train.TrainConfig` of parsed ``blockkey train`` arguments (one option per field)."""
+    from .train import TrainConfig
+
+    return TrainConfig(
+        model_kwargs=model_kwargs,
+        **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "model_kwargs"},
+    )
 
 
 def _write_card(args: argparse.Namespace, val: Any, key: KeySet | None, passports: Any, meta: RunMeta) -> RunMeta:
@@ -635,14 +635,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"blockkey {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _add_demo,
+        _add_tour,
+        _add_keygen,
+        _add_info,
+        _add_encrypt_decrypt,
+        _add_show,
+        _add_train,
+        _add_evaluate,
+        _add_attack,
+        _add_convert,
+        _add_rekey,
+        _add_predict,
+        _add_export,
+    ):
+        add(sub)
+    return p
 
-    def add(name: str, help_: str, *, json_flag: bool = True) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
-        if json_flag:
-            sp.add_argument("--json", action="store_true", help="print a JSON report instead of text")
-        return sp
 
-    sp = add("demo", "train a protected model and its non-protected twin on embedded CIFAR-10 images, compare")
+def _on_off(default: bool) -> str:
+    return f"default: {'on' if default else 'off'}"
+
+
+def _command(sub: Any, name: str, help_: str, *, json_flag: bool = True) -> argparse.ArgumentParser:
+    """A subcommand parser with ``help_`` as its description (and ``--json`` unless ``json_flag`` is off)."""
+    sp: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
+    if json_flag:
+        sp.add_argument("--json", action="store_true", help="print a JSON report instead of text")
+    return sp
+
+
+def _add_demo(sub: Any) -> None:
+    sp = _command(
+        sub, "demo", "train a protected model and its non-protected twin on embedded CIFAR-10 images, compare"
+    )
     sp.add_argument(
         "-o",
         "--output",
@@ -665,7 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     sp.set_defaults(func=cmd_demo)
 
-    sp = add("tour", "the 60-second tour: make a key, encrypt the embedded sample, check the inverse")
+
+def _add_tour(sub: Any) -> None:
+    sp = _command(sub, "tour", "the 60-second tour: make a key, encrypt the embedded sample, check the inverse")
     sp.add_argument(
         "-o",
         "--output",
@@ -679,7 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.set_defaults(func=cmd_tour)
 
-    sp = add("keygen", "generate a key set (OS entropy) or derive one from a passphrase (scrypt)")
+
+def _add_keygen(sub: Any) -> None:
+    sp = _command(sub, "keygen", "generate a key set (OS entropy) or derive one from a passphrase (scrypt)")
     sp.add_argument(
         "--transforms", required=True, help="ordered steps, e.g. shuffle,negpos,ffx (ffx-all: FFX on every position)"
     )
@@ -691,15 +722,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="overwrite an existing key file")
     sp.set_defaults(func=cmd_keygen)
 
-    sp = add("info", "show a key file's recipe, fingerprint and key space")
+
+def _add_info(sub: Any) -> None:
+    sp = _command(sub, "info", "show a key file's recipe, fingerprint and key space")
     sp.add_argument("key", type=at.existing_file, help="key file")
     sp.set_defaults(func=cmd_info)
 
+
+def _add_encrypt_decrypt(sub: Any) -> None:
     for name, func, what in (
         ("encrypt", cmd_encrypt, "encrypt image files to PNG ciphertexts (16-bit PNG for keys with an FFX step)"),
         ("decrypt", cmd_decrypt, "decrypt PNG ciphertexts back to the original pixels"),
     ):
-        sp = add(name, what)
+        sp = _command(sub, name, what)
         sp.add_argument("--key", type=at.existing_file, required=True, help="key file")
         sp.add_argument("inputs", nargs="+", type=at.existing_file, metavar="IN", help="image files")
         sp.add_argument("-o", "--output", type=at.output_path, required=True, metavar="OUTDIR", help="output folder")
@@ -712,72 +747,148 @@ def build_parser() -> argparse.ArgumentParser:
             "with their code (docs/key-format.md); decrypt refuses it",
         )
         sp.set_defaults(func=func)
+        if name == "encrypt":  # the ONNX client's side: no model code needed
+            sp.add_argument(
+                "--npy",
+                action="store_true",
+                help="write one float32 N x C x H x W array (-o FILE.npy): the input of an ONNX export without the key",
+            )
+            sp.add_argument("--size", help="with --npy: resize and centre-crop every image to H or HxW")
 
-    sp = add("show", "draw an image after each step of a key (original, steps, decrypted)")
+
+def _add_show(sub: Any) -> None:
+    sp = _command(sub, "show", "draw an image after each step of a key (original, steps, decrypted)")
     sp.add_argument("--key", type=at.existing_file, required=True, help="key file")
     sp.add_argument("image", type=at.existing_file, help="image file")
     sp.add_argument("-o", "--output", type=at.output_path, required=True, help="PNG to write")
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
     sp.set_defaults(func=cmd_show)
 
-    sp = add("train", "train a protected model (--key) or its non-protected twin (--no-key)")
-    sp.add_argument("--data", type=at.data_source, required=True, help="cifar10, cifar100 or an ImageFolder directory")
-    sp.add_argument("--data-root", type=at.output_path, help="where torchvision datasets live / are downloaded")
-    g = sp.add_mutually_exclusive_group(required=True)
-    g.add_argument("--key", type=at.existing_file, help="key file")
-    g.add_argument("--no-key", action="store_true", help="train the non-protected baseline")
+
+def _add_train(sub: Any) -> None:
+    from .train import NORM_MODES, TRAIN_LAYERS, TrainConfig
+
+    d = TrainConfig()  # the defaults live there only
+    sp = _command(sub, "train", "train a protected model (--key) or its non-protected twin (--no-key)")
+    sp.set_defaults(func=cmd_train)
+
+    g = sp.add_argument_group("data")
+    g.add_argument("--data", type=at.data_source, required=True, help="cifar10, cifar100 or an ImageFolder directory")
+    g.add_argument("--data-root", type=at.output_path, help="where torchvision datasets live / are downloaded")
     g.add_argument(
-        "--protection",
-        choices=["passport"],
-        help="passport protection (Fan et al. 2019, scheme V1) instead of a key (model: resnet18_cifar)",
-    )
-    sp.add_argument(
-        "--passport",
-        type=at.path_name,
-        metavar="FILE",
-        help="passports for --protection passport (default OUTPUT.passport; drawn and written 0600 if missing)",
-    )
-    sp.add_argument(
-        "--model", default="fastnet", help="registered model or tv_<torchvision name> (default %(default)s)"
-    )
-    sp.add_argument("--patch", type=at.BLOCK_SIZE, default=4, help="patch size of block-aligned models without a key")
-    sp.add_argument("--epochs", type=at.EPOCHS, default=10, help="(default %(default)s)")
-    sp.add_argument("--batch-size", type=at.BATCH_SIZE, default=256, help="(default %(default)s)")
-    sp.add_argument("--lr", type=at.LEARNING_RATE, default=0.2, help="peak learning rate (default %(default)s)")
-    sp.add_argument("--weight-decay", type=at.NON_NEGATIVE, default=5e-4, help="(default %(default)s)")
-    sp.add_argument("--label-smoothing", type=at.PROBABILITY, default=0.0, help="(default %(default)s)")
-    sp.add_argument(
-        "--peak", type=at.PEAK, default=0.2, help="LR peak as a fraction of training (0.5: the paper's cyclic)"
-    )
-    sp.add_argument("--seed", type=at.SEED, default=0, help="data order, augmentation, init and split (not the key)")
-    sp.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
-    sp.add_argument(
-        "--norm",
-        choices=["channel", "position", "none"],
-        default="channel",
-        help="normalisation statistics (none: raw [0, 1] values, for tablenet)",
-    )
-    sp.add_argument(
         "--val-fraction", type=at.PROBABILITY, default=0.1, help="held-out validation share (default %(default)s)"
     )
-    sp.add_argument("--limit", type=at.COUNT, help="use a stratified random sample of N images (quick runs)")
-    sp.add_argument(
-        "--device", type=at.device, default="auto", help="cpu, cuda, cuda:1, mps (default: cuda if present)"
-    )
-    sp.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTPUT")
-    sp.add_argument(
+    g.add_argument("--limit", type=at.COUNT, help="use a stratified random sample of N images (quick runs)")
+    g.add_argument(
         "--stream",
         type=at.IMAGE_SIZE,
         metavar="SIZE",
         help="data too large for memory: decode per batch at SIZE x SIZE",
     )
-    sp.add_argument(
+    g.add_argument(
         "--workers", type=at.WORKERS, default=2, help="DataLoader workers for --stream (default %(default)s)"
     )
-    sp.add_argument("-o", "--output", type=at.output_path, required=True, metavar="RUN_DIR", help="run directory")
-    sp.set_defaults(func=cmd_train)
 
-    sp = add("evaluate", "accuracy with the key, with plain images and with N random wrong keys")
+    g = sp.add_argument_group("protection (one of --key, --no-key, --protection)")
+    x = g.add_mutually_exclusive_group(required=True)
+    x.add_argument("--key", type=at.existing_file, help="key file")
+    x.add_argument("--no-key", action="store_true", help="train the non-protected baseline")
+    x.add_argument(
+        "--protection",
+        choices=["passport"],
+        help="passport protection (Fan et al. 2019, scheme V1) instead of a key (model: resnet18_cifar)",
+    )
+    g.add_argument(
+        "--passport",
+        type=at.path_name,
+        metavar="FILE",
+        help="passports for --protection passport (default OUTPUT.passport; drawn and written 0600 if missing)",
+    )
+    g.add_argument(
+        "--sign-loss",
+        type=at.NON_NEGATIVE,
+        default=d.sign_loss,
+        help="weight of the passport sign loss that embeds the signature (default %(default)s)",
+    )
+
+    g = sp.add_argument_group("model")
+    g.add_argument("--model", default=d.model, help="registered model or tv_<torchvision name> (default %(default)s)")
+    g.add_argument("--patch", type=at.BLOCK_SIZE, default=4, help="patch size of block-aligned models without a key")
+    g.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="timm_<name> models: start from timm's pretrained weights (downloaded by timm on first use)",
+    )
+    g.add_argument(
+        "--init-from",
+        type=at.path_name,
+        metavar="RUN_DIR",
+        help="start from the weights of this run (same model and classes): fine-tuning",
+    )
+    g.add_argument(
+        "--train-layers",
+        choices=TRAIN_LAYERS,
+        default=d.train_layers,
+        help="train all layers, or only the first / last layer with weights (default %(default)s)",
+    )
+
+    g = sp.add_argument_group("optimisation (SGD, one-cycle learning rate)")
+    g.add_argument("--epochs", type=at.EPOCHS, default=d.epochs, help="(default %(default)s)")
+    g.add_argument("--batch-size", type=at.BATCH_SIZE, default=d.batch_size, help="(default %(default)s)")
+    g.add_argument("--lr", type=at.LEARNING_RATE, default=d.lr, help="peak learning rate (default %(default)s)")
+    g.add_argument(
+        "--peak", type=at.PEAK, default=d.peak, help="LR peak as a fraction of training (0.5: the paper's cyclic)"
+    )
+    g.add_argument("--momentum", type=at.PROBABILITY, default=d.momentum, help="SGD momentum (default %(default)s)")
+    g.add_argument(
+        "--nesterov",
+        action=argparse.BooleanOptionalAction,
+        default=d.nesterov,
+        help=f"Nesterov momentum ({_on_off(d.nesterov)})",
+    )
+    g.add_argument("--weight-decay", type=at.NON_NEGATIVE, default=d.weight_decay, help="(default %(default)s)")
+    g.add_argument("--label-smoothing", type=at.PROBABILITY, default=d.label_smoothing, help="(default %(default)s)")
+    g.add_argument(
+        "--seed", type=at.SEED, default=d.seed, help="data order, augmentation, init and split (not the key)"
+    )
+
+    g = sp.add_argument_group("augmentation (on plain images, before the key) and normalisation")
+    g.add_argument(
+        "--crop-padding",
+        type=at.NON_NEGATIVE_INT,
+        default=d.crop_padding,
+        help="random crop after padding each side by this many pixels; 0: no crop (default %(default)s)",
+    )
+    g.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=d.flip,
+        help=f"random horizontal flips ({_on_off(d.flip)})",
+    )
+    g.add_argument(
+        "--norm",
+        choices=NORM_MODES,
+        default=d.norm,
+        help="normalisation statistics (none: raw [0, 1] values, for tablenet)",
+    )
+
+    g = sp.add_argument_group("precision and device")
+    g.add_argument("--amp", choices=AMP_MODES, default=d.amp, help="autocast: auto is bf16 (default %(default)s)")
+    g.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=d.channels_last,
+        help=f"channels_last memory format ({_on_off(d.channels_last)})",
+    )
+    g.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, cuda:1, mps (default: cuda if present)")
+
+    g = sp.add_argument_group("output")
+    g.add_argument("-o", "--output", type=at.output_path, required=True, metavar="RUN_DIR", help="run directory")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTPUT")
+
+
+def _add_evaluate(sub: Any) -> None:
+    sp = _command(sub, "evaluate", "accuracy with the key, with plain images and with N random wrong keys")
     sp.add_argument(
         "--model",
         type=at.path_name,
@@ -816,7 +927,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     sp.set_defaults(func=cmd_evaluate)
 
-    sp = add("attack", "attack a protected model without its key (the key only scores the result)")
+
+def _add_attack(sub: Any) -> None:
+    sp = _command(sub, "attack", "attack a protected model without its key (the key only scores the result)")
     sp.add_argument(
         "attack",
         choices=[
@@ -880,7 +993,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     sp.set_defaults(func=cmd_attack)
 
-    sp = add("convert", "protect a plain-trained block-aligned model with a shuffle/negpos key, without training")
+
+def _add_convert(sub: Any) -> None:
+    sp = _command(
+        sub, "convert", "protect a plain-trained block-aligned model with a shuffle/negpos key, without training"
+    )
     sp.add_argument(
         "--model", type=at.path_name, required=True, metavar="RUN_DIR", help="run directory of a non-protected model"
     )
@@ -893,7 +1010,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", type=at.output_path, required=True, metavar="RUN_DIR2", help="new run directory")
     sp.set_defaults(func=cmd_convert)
 
-    sp = add("rekey", "move a protected block-aligned model to a new key, without data or training")
+
+def _add_rekey(sub: Any) -> None:
+    sp = _command(sub, "rekey", "move a protected block-aligned model to a new key, without data or training")
     sp.add_argument(
         "--model", type=at.path_name, required=True, metavar="RUN_DIR", help="run directory of a protected model"
     )
@@ -902,7 +1021,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", type=at.output_path, required=True, metavar="RUN_DIR3", help="new run directory")
     sp.set_defaults(func=cmd_rekey)
 
-    sp = add("predict", "classify image files and folders with a trained model and its key")
+
+def _add_predict(sub: Any) -> None:
+    sp = _command(sub, "predict", "classify image files and folders with a trained model and its key")
     sp.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory (model.safetensors + meta.json)")
     sp.add_argument("--key", help="the model's key file (omit for a non-protected model)")
     sp.add_argument("--passport", metavar="FILE", help="the passports of a passport model")
@@ -916,22 +1037,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, ... (default: cuda if present)")
     sp.set_defaults(func=cmd_predict)
 
-    sp = sub.choices["train"]
-    sp.add_argument(
-        "--pretrained",
-        action="store_true",
-        help="timm_<name> models: start from timm's pretrained weights (downloaded by timm on first use)",
-    )
 
-    sp = sub.choices["encrypt"]  # the ONNX client's side: no model code needed
-    sp.add_argument(
-        "--npy",
-        action="store_true",
-        help="write one float32 N x C x H x W array (-o FILE.npy): the input of an ONNX export without the key",
-    )
-    sp.add_argument("--size", help="with --npy: resize and centre-crop every image to H or HxW")
-
-    sp = add("export", "export the whole inference path as ONNX (dynamic batch), with or without the key")
+def _add_export(sub: Any) -> None:
+    sp = _command(sub, "export", "export the whole inference path as ONNX (dynamic batch), with or without the key")
     sp.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory (model.safetensors + meta.json)")
     sp.add_argument(
         "--key",
@@ -943,7 +1051,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--opset", type=at.OPSET, default=20, help="ONNX opset (default %(default)s)")
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
     sp.set_defaults(func=cmd_export)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,10 +44,14 @@ from .keys import KeySet
 from .meta import KeyInfo, RunMeta, key_info
 from .models import create_model
 from .passport import PassportError, Passports, passport_layers, sign_loss
-from .runtime import autocast, pick_device, predict_accuracy, resolve_amp
+from .runtime import AMP_MODES, autocast, pick_device, predict_accuracy, resolve_amp
 from .transforms import KeyedTransform
 
 __all__ = ["TrainConfig", "autocast", "fit", "pick_device", "predict_accuracy"]  # the last three: from runtime
+
+
+NORM_MODES = ("channel", "position", "none")  # per channel, per block position of the key, raw values
+TRAIN_LAYERS = ("all", "first", "last")  # all, the first layer with weights, the last one (the head)
 
 
 @dataclass
@@ -85,9 +89,9 @@ class TrainConfig:
         at.NON_NEGATIVE_INT.check("crop_padding", self.crop_padding)
         at.NON_NEGATIVE.check("sign_loss", self.sign_loss)
         for name, value, allowed in (
-            ("amp", self.amp, ("auto", "bf16", "fp16", "off")),
-            ("norm", self.norm, ("channel", "position", "none")),
-            ("train_layers", self.train_layers, ("all", "first", "last")),
+            ("amp", self.amp, AMP_MODES),
+            ("norm", self.norm, NORM_MODES),
+            ("train_layers", self.train_layers, TRAIN_LAYERS),
         ):
             if value not in allowed:
                 raise OptionError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
