@@ -186,7 +186,9 @@ class RunMeta(Mapping[str, Any]):
             values["classes"] = tuple(doc["classes"])
             c, h, w = (int(v) for v in doc["image_shape"])
             values["image_shape"] = (c, h, w)
-            values["model"] = str(doc["model"])
+            if not isinstance(doc["model"], str) or not doc["model"]:
+                raise ValueError(f"model must be a name, not {doc['model']!r}")
+            values["model"] = doc["model"]
             if values.get("key") is not None:
                 values["key"] = KeyInfo.from_json(values["key"])
             if values.get("normalize") is not None:
