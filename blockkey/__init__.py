@@ -6,6 +6,8 @@ Unauthorized Access" (APSIPA Trans. 2021, arXiv 2105.14756) on current PyTorch.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .errors import BlockkeyError, ImageFileError, KeyFileError, KeyMismatchError, OptionError, ShapeError
 from .functional import Plan, compile_plan, decrypt, decrypt_codes, encrypt, encrypt_codes
 from .keys import FFX, KeySet, NegPos, Shuffle
@@ -16,7 +18,7 @@ __version__ = "0.1.0"
 _LAZY = {"Predictor": "predict", "export_onnx": "export", "keyed_input": "export"}
 
 
-def __getattr__(name: str):  # type: ignore[no-untyped-def]
+def __getattr__(name: str) -> Any:
     """The deployment side loads on first use: ``blockkey.Predictor``, ``blockkey.export_onnx``, ..."""
     if name in _LAZY:
         import importlib

@@ -74,10 +74,11 @@ class Int:
     def check(self, name: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise OptionError(_named(name, f"must be {self.range}; got {value!r}"))
-        if value < self.lo or (self.hi is not None and value > self.hi):
+        number = int(value)
+        if number < self.lo or (self.hi is not None and number > self.hi):
             why = f" ({self.why})" if self.why else ""
             raise OptionError(_named(name, f"must be {self.range}; got {value}{why}"))
-        return int(value)
+        return number
 
     def check_each(self, name: str, values: Any) -> list[int]:
         """A non-empty list of values, each in range."""

@@ -392,7 +392,8 @@ class Normalize:
         m = transform.block_size if transform is not None else (block_size or 1)
         if mode == "position" and m == 1 and transform is None:
             raise DataError("per-position normalisation of plain images needs a block size")
-        total = total_sq = None
+        total: Tensor | None = None
+        total_sq: Tensor | None = None
         count = 0
         dev = transform.src.device if transform is not None else torch.device("cpu")
         for x in data.batches(batch_size):
@@ -406,6 +407,8 @@ class Normalize:
             total = s if total is None else total + s
             total_sq = s2 if total_sq is None else total_sq + s2
             count += v.shape[0]
+        if total is None or total_sq is None:
+            raise DataError("no images to compute normalisation statistics from")
         mean = total / count
         std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
         return cls(tuple(mean.tolist()), tuple(std.tolist()), mode, m)
@@ -456,7 +459,7 @@ class StreamLoader(_KeyedBatches):
         super().__init__(data.image_shape, transform, normalize, device)
         self.data, self.batch_size, self.train, self.seed = data, batch_size, train, seed
         self.dataset = data.dataset(train)
-        self.sampler = torch.utils.data.DistributedSampler(
+        self.sampler: torch.utils.data.DistributedSampler[int] = torch.utils.data.DistributedSampler(
             self.dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train
         )
 

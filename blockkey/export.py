@@ -57,6 +57,11 @@ class KeyInGraph(nn.Module):
     output position ``j``: the same values as :func:`blockkey.functional.encrypt`, bit for bit.
     """
 
+    # buffers (registered in __init__)
+    index: Tensor
+    offsets: Tensor
+    table: Tensor
+
     def __init__(self, plan: Plan, net: NormalizedNet) -> None:
         super().__init__()
         self.shape = plan.shape
@@ -166,6 +171,8 @@ def _export(module: nn.Module, example: Tensor, input_name: str, opset: int, wha
         )
     except (torch.onnx.OnnxExporterError, RuntimeError, NotImplementedError, TypeError, ValueError) as e:
         raise BlockkeyError(f"cannot export {what} to ONNX: {_conversion_message(e)}") from None
+    if prog is None:  # only when writing to a file, which this call does not
+        raise BlockkeyError(f"cannot export {what} to ONNX: the exporter returned no program")
     return prog.model_proto
 
 

@@ -333,8 +333,11 @@ def compile_plan(
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
 
-    def put(t: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | None:
-        return None if t is None else t.to(device=dev, dtype=dtype or t.dtype).contiguous()
+    def put(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        return t.to(device=dev, dtype=dtype or t.dtype).contiguous()
+
+    def put_optional(t: Tensor | None) -> Tensor | None:
+        return None if t is None else put(t)
 
     return Plan(
         shape=(c, h, w),
@@ -347,9 +350,9 @@ def compile_plan(
         cls_in=put(cls_in * 256, torch.int32),
         cls_in_dec=put(cls_in * (FFX_MAX + 1), torch.int64),
         domain_out=put(domain_out),
-        xor_in=put(xor_in),
-        sign_in=put(sign_in),
-        flip_in=put(flip_in),
+        xor_in=put_optional(xor_in),
+        sign_in=put_optional(sign_in),
+        flip_in=put_optional(flip_in),
     )
 
 
@@ -395,7 +398,7 @@ def encrypt(x: Tensor, plan: Plan) -> Tensor:
     elif x.is_floating_point():
         if x.dtype in (torch.float16, torch.bfloat16):  # too coarse to hold 1 - x exactly: use float32
             xf = xf.float()
-        if plan.sign_in is not None:
+        if plan.sign_in is not None and plan.flip_in is not None:  # both set for a plan without FFX
             y = torch.addcmul(plan.flip_in.to(xf.dtype), xf, plan.sign_in.to(xf.dtype))
         else:
             q = xf.detach().clamp(0, 1).mul(PIXEL_MAX).round_().to(torch.uint8)
@@ -469,6 +472,7 @@ def decrypt_float(y: Tensor, plan: Plan) -> Tensor:
     if not y.is_floating_point():
         raise TypeError(f"decrypt_float takes float tensors; got {y.dtype}")
     g = _flat(y, plan).index_select(1, plan.inv_index)
+    assert plan.flip_in is not None and plan.sign_in is not None  # set for every plan without FFX
     return ((g - plan.flip_in.to(y.dtype)) * plan.sign_in.to(y.dtype)).view(y.shape)
 
 

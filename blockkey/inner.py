@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import BlockkeyError
 
@@ -44,6 +44,10 @@ class ChannelKey(nn.Module):
     ``signs=False`` keeps every sign (for a point followed by max pooling, which a sign flip would turn
     into min pooling). Permutation and signs are non-persistent buffers: they never reach a state dict.
     """
+
+    # buffers (registered in __init__)
+    perm: Tensor
+    sign: Tensor
 
     def __init__(self, channels: int, signs: bool = True) -> None:
         super().__init__()

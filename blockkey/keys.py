@@ -511,7 +511,9 @@ class KeySet:
         steps = tuple(_step_from_json(i, s) for i, s in enumerate(steps_doc))
         meta = doc.get("meta", {})
         meta = meta if isinstance(meta, dict) else {}
-        key = cls(doc.get("block_size"), doc.get("channels"), steps, meta=meta, inner=inner)
+        block_size: Any = doc.get("block_size")  # JSON: the constructor checks both (KeyFileError)
+        channels: Any = doc.get("channels")
+        key = cls(block_size, channels, steps, meta=meta, inner=inner)
         expected = doc.get("fingerprint")
         if expected is not None and expected != key.fingerprint:
             raise KeyFileError(

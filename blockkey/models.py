@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import BlockkeyError
 
@@ -305,7 +305,7 @@ class PatchNet(nn.Module):
         self.head = nn.Linear(cin, num_classes, bias=False)
 
     @property
-    def patch_embed(self) -> nn.Conv2d:
+    def patch_embed(self) -> nn.Module:  # a convolution here; TablePatchNet's is not (see patch_embedding)
         return self.embed[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -333,6 +333,9 @@ class TableEmbed(nn.Module):
     """
 
     BINS = 1000
+
+    # buffers (registered in __init__)
+    offsets: Tensor
 
     def __init__(self, in_channels: int, patch: int, dim: int, value_dim: int = 1) -> None:
         super().__init__()

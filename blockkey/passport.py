@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import BlockkeyError
 from .fileio import atomic_path
@@ -47,6 +47,11 @@ class PassportConv(nn.Module):
     ``gamma = mean_{h,w} conv(P_gamma)``, ``beta = mean_{h,w} conv(P_beta)``: one value per output
     channel. Passports have the shape of the layer's input, ``(1, C_in, size, size)``.
     """
+
+    # buffers (registered in __init__)
+    passport_gamma: Tensor
+    passport_beta: Tensor
+    signature: Tensor
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, padding: int, size: int) -> None:
         super().__init__()

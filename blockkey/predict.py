@@ -72,6 +72,10 @@ class NormalizedNet(nn.Module):
     a key): the input of an ONNX export without the key.
     """
 
+    # buffers (registered in __init__)
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, model: nn.Module, normalize: Normalize | None, shape: tuple[int, int, int]) -> None:
         super().__init__()
         self.model = model
@@ -288,7 +292,9 @@ class Predictor:
         with tqdm(total=len(paths), desc="predict", unit="img", disable=not show) as bar:
             for start in range(0, len(paths), self.batch_size):
                 chunk = [str(p) for p in paths[start : start + self.batch_size]]
-                good, images, results = [], [], {}
+                good: list[str] = []
+                images: list[Tensor] = []
+                results: dict[str, Prediction | BlockkeyError] = {}
                 for p in chunk:
                     try:
                         images.append(self.preprocess(p))

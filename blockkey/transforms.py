@@ -7,6 +7,8 @@ and the fingerprint only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -32,6 +34,14 @@ class KeyedTransform(nn.Module):
         >>> list(t.state_dict())
         []
     """
+
+    # buffers (registered in __init__)
+    src: Tensor
+    codes: Tensor
+    domain: Tensor
+    value_bits: Tensor | None
+
+    recipe: tuple[str, ...]
 
     def __init__(self, key: KeySet | F.BlockPlan, compat: str = "exact") -> None:
         """``compat="authors"``: the authors' float32 arithmetic (see :mod:`blockkey.functional`), for a
@@ -101,7 +111,7 @@ class KeyedTransform(nn.Module):
         """Differentiable float inverse (key sets without FFX)."""
         return F.decrypt_float(y, self._plan_for(y))
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> KeyedTransform:
         self._plans = {}  # buffers moved or cast: drop cached plans
         return super()._apply(fn, recurse)
 
