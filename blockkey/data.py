@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -294,7 +295,15 @@ def load_dataset(
     return load_image_folder(spec)
 
 
-def stratified_split(data: ImageTensors, val_fraction: float, seed: int) -> tuple[ImageTensors, ImageTensors]:
+@overload
+def stratified_split(data: ImageTensors, val_fraction: float, seed: int) -> tuple[ImageTensors, ImageTensors]: ...
+@overload
+def stratified_split(
+    data: ImageFolderStream, val_fraction: float, seed: int
+) -> tuple[ImageFolderStream, ImageFolderStream]: ...
+@overload
+def stratified_split(data: Data, val_fraction: float, seed: int) -> tuple[Data, Data]: ...
+def stratified_split(data: Data, val_fraction: float, seed: int) -> tuple[Data, Data]:
     """A seeded split keeping each class's share: ``round(n_c * val_fraction)`` per class to validation."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1); got {val_fraction}")
@@ -310,7 +319,13 @@ def stratified_split(data: ImageTensors, val_fraction: float, seed: int) -> tupl
     return data.subset(tr), data.subset(va)
 
 
-def stratified_subset(data: ImageTensors, n: int, seed: int) -> ImageTensors:
+@overload
+def stratified_subset(data: ImageTensors, n: int, seed: int) -> ImageTensors: ...
+@overload
+def stratified_subset(data: ImageFolderStream, n: int, seed: int) -> ImageFolderStream: ...
+@overload
+def stratified_subset(data: Data, n: int, seed: int) -> Data: ...
+def stratified_subset(data: Data, n: int, seed: int) -> Data:
     """A seeded sample of about ``n`` images with every class in its share (never the first n of a sorted folder)."""
     if n >= len(data):
         return data

@@ -375,7 +375,9 @@ class KeySet:
         return cls(block_size, channels, steps, meta={"source": "os-entropy"}, inner=inner)
 
     @classmethod
-    def from_seed(cls, seed: int | bytes, recipe: str | Iterable[str], block_size: int, channels: int = 3) -> KeySet:
+    def from_seed(
+        cls, seed: int | str | bytes, recipe: str | Iterable[str], block_size: int, channels: int = 3
+    ) -> KeySet:
         """A reproducible key drawn from a public ``seed``: NOT secret (anyone with the seed has it).
 
         For attacks (reproducible random candidate keys) and experiments, never for protecting a model.

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..data import Data, Normalize, make_loader
+from ..errors import BlockkeyError
 from ..inner import use_inner_key
 from ..keys import KeySet
 from ..meta import RunMeta
@@ -47,6 +48,13 @@ class Target:
 
     def __post_init__(self) -> None:
         self.meta = RunMeta.coerce(self.meta)
+
+    @property
+    def keyset(self) -> KeySet:
+        """The true key of a keyed model (what key attacks score against); a passport model has none."""
+        if not isinstance(self.key, KeySet):
+            raise BlockkeyError("this attack needs a model protected by a key; this one is protected by passports")
+        return self.key
 
     @property
     def normalize(self) -> Normalize | None:

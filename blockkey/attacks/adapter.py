@@ -57,7 +57,8 @@ class BlockAdapter(nn.Module):
         y = from_blocks(b, m, c)
         if self.normalize is not None:
             if self._norm is None or self._norm[0].device != y.device or self._norm[0].shape != y.shape[-3:]:
-                self._norm = self.normalize.tensors(tuple(y.shape[-3:]), y.device)
+                c, h, w = y.shape[-3:]
+                self._norm = self.normalize.tensors((c, h, w), y.device)
             y = normalise(y, self._norm)
         return y
 
@@ -87,8 +88,8 @@ def train_adapter(
 def _fit_adapter(
     target: Target, model: nn.Module, train: Data, table: bool, epochs: int, lr: float, batch_size: int, seed: int
 ) -> BlockAdapter:
-    m = target.key.block_size
-    adapter = BlockAdapter(m, target.key.channels, target.normalize, table=table).to(target.device)
+    m = target.keyset.block_size
+    adapter = BlockAdapter(m, target.keyset.channels, target.normalize, table=table).to(target.device)
     opt = torch.optim.Adam(adapter.parameters(), lr=lr)
     batch_size = max(1, min(batch_size, len(train) // 4))  # small fractions still get several steps an epoch
     loader = make_loader(train, batch_size, train=True, transform=None, normalize=None, device=target.device, seed=seed)
@@ -127,7 +128,7 @@ def adapter_attack(
     at.EPOCHS.check("epochs", epochs)
     at.SEED.check("seed", seed)
     t_start = time.perf_counter()
-    key = target.key
+    key = target.keyset
     use_table = ("ffx" in key.recipe) if table is None else table
     rows = []
     for frac in tqdm(fractions, desc="adapter", disable=not progress, leave=False):

@@ -153,7 +153,7 @@ def ciphertext_only_attack(
     at.COUNT.check("plain_images", plain_images)
     at.SEED.check("seed", seed)
     t_start = time.perf_counter()
-    key = target.key
+    key = target.keyset
     transform = KeyedTransform(key)
     true_plan = compile_block_plan(key)
     g = torch.Generator().manual_seed(seed)

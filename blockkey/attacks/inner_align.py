@@ -97,12 +97,14 @@ class _Stats:
     """Exact BatchNorm-input statistics for a signed channel assignment, with cheap column updates."""
 
     def __init__(self, p: _Point, h: torch.Tensor) -> None:
-        self.conv, self.bn, self.pool = p.consumer, p.bn, p.pool
+        conv, bn = p.consumer, p.bn
+        assert isinstance(conv, nn.Conv2d) and bn is not None
+        assert bn.running_mean is not None and bn.running_var is not None  # BatchNorm tracks statistics
+        self.conv, self.bn, self.pool = conv, bn, p.pool
         self.h = h
-        assert isinstance(self.conv, nn.Conv2d) and self.bn is not None
         self.w = self.conv.weight.detach().float()
-        self.mean = self.bn.running_mean.detach().float()
-        self.std = self.bn.running_var.detach().float().clamp_min(1e-8).sqrt()
+        self.mean = bn.running_mean.detach().float()
+        self.std = bn.running_var.detach().float().clamp_min(1e-8).sqrt()
 
     def _conv(self, z: torch.Tensor, cols: list[int]) -> torch.Tensor:
         c = self.conv
@@ -196,7 +198,9 @@ def _head(p: _Point, h: torch.Tensor, labels: torch.Tensor, classes: int) -> tup
     f = h.amax((2, 3)) if h.dim() == 4 else h
     means = torch.stack([f[labels == c].mean(0) for c in range(classes)]).nan_to_num()  # a class without images: 0
     means = (means - means.mean(0)) / means.std(0).clamp_min(1e-8)
-    w = p.consumer.weight.detach().float()  # (classes, columns)
+    weight = p.consumer.weight
+    assert isinstance(weight, torch.Tensor)  # a Linear (or Conv2d) consumer
+    w = weight.detach().float()  # (classes, columns)
     w = (w - w.mean(0)) / w.std(0).clamp_min(1e-8)
     corr = (w.T @ means) / classes  # (columns, channels)
     perm = torch.from_numpy(_hungarian(-(corr.abs() if p.point.signs else corr).cpu().numpy())).to(corr.device)

@@ -57,7 +57,7 @@ def _batch(train: Data, size: int, seed: int) -> ImageTensors:
 def _random_search(target: Target, score: _Scorer, n: int, seed: int, progress: bool) -> tuple[KeySet, list[float]]:
     from tqdm import tqdm
 
-    k = target.key
+    k = target.keyset
     best, best_score, scores = None, -1.0, []
     for i in tqdm(range(n), desc="random keys", disable=not progress, leave=False):
         cand = KeySet.from_seed(f"attack/{seed}/{i}", k.spec, k.block_size, k.channels)
@@ -91,7 +91,7 @@ def random_keys_attack(
         "batch_accuracy_mean": sum(scores) / len(scores),
         "batch_accuracy_max": max(scores),
         "attacker_accuracy": accuracy(target, KeyedTransform(best)),
-        **key_agreement(compile_block_plan(best), compile_block_plan(target.key)),
+        **key_agreement(compile_block_plan(best), compile_block_plan(target.keyset)),
     }
     return make_report(target, "random-keys", [row], t0)
 
@@ -136,7 +136,7 @@ def hill_climb(
     from tqdm import tqdm
 
     rng = random.Random(seed)
-    true_plan = compile_block_plan(target.key)
+    true_plan = compile_block_plan(target.keyset)
     report_at = {0, iterations} if report_at is None else report_at | {0}
     cur = score(key)
     rows = []

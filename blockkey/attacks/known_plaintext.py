@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import argtypes as at
-from ..data import ImageTensors
+from ..data import DataError, ImageTensors
 from ..errors import ShapeError
 from ..functional import FFX_MAX, PIXEL_MAX, BlockPlan, compile_block_plan, to_blocks
 from ..transforms import KeyedTransform
@@ -115,10 +115,12 @@ def known_plaintext_attack(
     at.COUNT.check_each("pairs", pairs)
     at.SEED.check("seed", seed)
     t_start = time.perf_counter()
-    key = target.key
+    key = target.keyset
     true_plan = compile_block_plan(key)
     transform = KeyedTransform(key)
     source = data if data is not None else target.val
+    if not isinstance(source, ImageTensors):
+        raise DataError("known-plaintext pairs need the images in memory, not a streamed folder")
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(source), generator=g)
     rows = []

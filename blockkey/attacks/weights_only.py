@@ -327,7 +327,7 @@ def weights_only_attack(
     for name, n in (("plain_images", plain_images), ("stats_images", stats_images), ("restarts", restarts)):
         at.COUNT.check(name, n)
     at.SEED.check("seed", seed)
-    key = target.key
+    key = target.keyset
     m, c = key.block_size, key.channels
     true_plan = compile_block_plan(key)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
