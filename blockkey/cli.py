@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from .meta import RunMeta
 from .runtime import AMP_MODES
 from .show import step_grid
 from .transforms import KeyedTransform
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
 
 EXIT_USER_ERROR = 2
 TOUR_NOTE = "blockkey tour demo key (made by `blockkey tour`; not for real use)"
@@ -337,7 +340,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_config(args: argparse.Namespace, model_kwargs: dict[str, Any]) -> Any:
+def train_config(args: argparse.Namespace, model_kwargs: dict[str, Any]) -> TrainConfig:
     """The :class:`~blockkey.train.TrainConfig` of parsed ``blockkey train`` arguments (one option per field)."""
     from .train import TrainConfig
 
@@ -766,12 +769,24 @@ def _add_show(sub: Any) -> None:
 
 
 def _add_train(sub: Any) -> None:
-    from .train import NORM_MODES, TRAIN_LAYERS, TrainConfig
+    from .train import TrainConfig
 
-    d = TrainConfig()  # the defaults live there only
     sp = _command(sub, "train", "train a protected model (--key) or its non-protected twin (--no-key)")
     sp.set_defaults(func=cmd_train)
+    d = TrainConfig()  # the defaults live there only
+    for add_group in (
+        _train_data_options,
+        _train_protection_options,
+        _train_model_options,
+        _train_optimisation_options,
+        _train_augmentation_options,
+        _train_precision_options,
+        _train_output_options,
+    ):
+        add_group(sp, d)
 
+
+def _train_data_options(sp: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = sp.add_argument_group("data")
     g.add_argument("--data", type=at.data_source, required=True, help="cifar10, cifar100 or an ImageFolder directory")
     g.add_argument("--data-root", type=at.output_path, help="where torchvision datasets live / are downloaded")
@@ -789,6 +804,8 @@ def _add_train(sub: Any) -> None:
         "--workers", type=at.WORKERS, default=2, help="DataLoader workers for --stream (default %(default)s)"
     )
 
+
+def _train_protection_options(sp: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = sp.add_argument_group("protection (one of --key, --no-key, --protection)")
     x = g.add_mutually_exclusive_group(required=True)
     x.add_argument("--key", type=at.existing_file, help="key file")
@@ -811,6 +828,10 @@ def _add_train(sub: Any) -> None:
         help="weight of the passport sign loss that embeds the signature (default %(default)s)",
     )
 
+
+def _train_model_options(sp: argparse.ArgumentParser, d: TrainConfig) -> None:
+    from .train import TRAIN_LAYERS
+
     g = sp.add_argument_group("model")
     g.add_argument("--model", default=d.model, help="registered model or tv_<torchvision name> (default %(default)s)")
     g.add_argument("--patch", type=at.BLOCK_SIZE, default=4, help="patch size of block-aligned models without a key")
@@ -832,6 +853,8 @@ def _add_train(sub: Any) -> None:
         help="train all layers, or only the first / last layer with weights (default %(default)s)",
     )
 
+
+def _train_optimisation_options(sp: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = sp.add_argument_group("optimisation (SGD, one-cycle learning rate)")
     g.add_argument("--epochs", type=at.EPOCHS, default=d.epochs, help="(default %(default)s)")
     g.add_argument("--batch-size", type=at.BATCH_SIZE, default=d.batch_size, help="(default %(default)s)")
@@ -851,6 +874,10 @@ def _add_train(sub: Any) -> None:
     g.add_argument(
         "--seed", type=at.SEED, default=d.seed, help="data order, augmentation, init and split (not the key)"
     )
+
+
+def _train_augmentation_options(sp: argparse.ArgumentParser, d: TrainConfig) -> None:
+    from .train import NORM_MODES
 
     g = sp.add_argument_group("augmentation (on plain images, before the key) and normalisation")
     g.add_argument(
@@ -872,6 +899,8 @@ def _add_train(sub: Any) -> None:
         help="normalisation statistics (none: raw [0, 1] values, for tablenet)",
     )
 
+
+def _train_precision_options(sp: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = sp.add_argument_group("precision and device")
     g.add_argument("--amp", choices=AMP_MODES, default=d.amp, help="autocast: auto is bf16 (default %(default)s)")
     g.add_argument(
@@ -882,6 +911,8 @@ def _add_train(sub: Any) -> None:
     )
     g.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, cuda:1, mps (default: cuda if present)")
 
+
+def _train_output_options(sp: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = sp.add_argument_group("output")
     g.add_argument("-o", "--output", type=at.output_path, required=True, metavar="RUN_DIR", help="run directory")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTPUT")
