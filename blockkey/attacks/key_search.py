@@ -21,6 +21,7 @@ from .. import argtypes as at
 from ..data import Data, ImageTensors, stratified_subset
 from ..functional import compile_block_plan
 from ..keys import FFX, KeySet, NegPos, Shuffle
+from ..steps import KeyStep
 from ..train import autocast
 from ..transforms import KeyedTransform
 from . import AttackReport, Target, accuracy, make_report
@@ -98,7 +99,7 @@ def random_keys_attack(
 
 
 def _neighbour(key: KeySet, rng: random.Random) -> KeySet:
-    """One random move: swap two permutation entries or flip one mask bit."""
+    """One random move: swap two permutation entries or flip one mask bit (other steps: no move)."""
     i = rng.randrange(len(key.steps))
     step = key.steps[i]
     length = key.block_len
@@ -106,14 +107,16 @@ def _neighbour(key: KeySet, rng: random.Random) -> KeySet:
         a, b = rng.randrange(length), rng.randrange(length)
         perm = list(step.perm)
         perm[a], perm[b] = perm[b], perm[a]
-        new: Shuffle | NegPos | FFX = Shuffle(tuple(perm))
-    else:
+        new: KeyStep = Shuffle(tuple(perm))
+    elif isinstance(step, (NegPos, FFX)):
         mask = list(step.mask)
         j = rng.randrange(length)
         mask[j] ^= 1
         if not any(mask):  # masks are never all-zero
             return key
         new = NegPos(tuple(mask)) if isinstance(step, NegPos) else FFX(tuple(mask), step.password)
+    else:  # a step this search has no moves for stays as drawn
+        return key
     steps = list(key.steps)
     steps[i] = new
     return replace(key, steps=tuple(steps))
