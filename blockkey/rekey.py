@@ -64,7 +64,7 @@ __all__ = [
 def nonlinear_refusal(step: type[KeyStep]) -> str:
     """Why a key with ``step`` (a class whose ``linear`` is False) cannot be folded into a first layer."""
     return (
-        f"a key with a{'n' if step.name[0] in 'aefhilmnorsx' else ''} {step.name} step cannot be folded into a "
+        f"a key with a{'n' if step.name[0] in 'aeioufx' else ''} {step.name} step cannot be folded into a "
         f"model: {step.nonlinear_reason}, while the patch embedding is linear in the pixel values, so no weights "
         "reproduce it; train with that key instead (blockkey train --key)"
     )
