@@ -154,8 +154,13 @@ def test_attack_cli(tmp_path, capsys):
     assert main([str(a) for a in wrong]) == 2
     err = capsys.readouterr().err
     assert "is not the key of" in err and err.count("\n") == 1
-    for extra, message in [(["--pairs", "0"], "--pairs: must be an integer >= 1"), (["--fractions", "2"], "in (0, 1]")]:
-        assert main([str(a) for a in [*base[:1], "known-plaintext", *base[1:], *extra]]) == 2
+    for name, extra, message in [
+        ("known-plaintext", ["--pairs", "0"], "--pairs: must be an integer >= 1"),
+        ("adapter", ["--fractions", "2"], "in (0, 1]"),
+        ("known-plaintext", ["--fractions", "0.5"], "unrecognized arguments: --fractions"),  # options are per attack
+        ("inner-align", ["--seed", "1"], "unrecognized arguments: --seed"),
+    ]:
+        assert main([str(a) for a in [*base[:1], name, *base[1:], *extra]]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,8 +26,9 @@ from ..train import autocast
 from ..transforms import KeyedTransform
 from . import AttackReport, Target, accuracy, make_report
 from .known_plaintext import key_agreement
+from .registry import AttackData, AttackSpec, option, register_attack, seed_option
 
-__all__ = ["hill_climb", "key_search_attack", "random_keys_attack"]
+__all__ = ["KeySearchSettings", "RandomKeysSettings", "hill_climb", "key_search_attack", "random_keys_attack"]
 
 
 class _Scorer:
@@ -185,3 +186,48 @@ def key_search_attack(
     for r in rows:
         r["setting"] = f"best of {random_keys} random keys, {r['setting']}"
     return make_report(target, "key-search", rows, t0)
+
+
+@dataclass(frozen=True)
+class RandomKeysSettings:
+    keys: int = option(100, "random keys to draw", type=at.COUNT)
+    batch: int = option(256, "labelled images to score on", type=at.COUNT)
+    seed: int = seed_option()
+
+
+@dataclass(frozen=True)
+class KeySearchSettings:
+    keys: int = option(100, "random keys to draw before the hill climb", type=at.COUNT)
+    iterations: int = option(2000, "hill-climbing moves", type=at.COUNT)
+    batch: int = option(256, "labelled images to score on", type=at.COUNT)
+    seed: int = seed_option()
+
+
+def _run_random(target: Target, data: AttackData, s: RandomKeysSettings) -> AttackReport:
+    return random_keys_attack(target, data.train, s.keys, s.batch, seed=s.seed, progress=data.progress)
+
+
+def _run_search(target: Target, data: AttackData, s: KeySearchSettings) -> AttackReport:
+    return key_search_attack(
+        target,
+        data.train,
+        random_keys=s.keys,
+        iterations=s.iterations,
+        batch=s.batch,
+        seed=s.seed,
+        progress=data.progress,
+    )
+
+
+register_attack(
+    AttackSpec("random-keys", "the best of random keys drawn like the true one", RandomKeysSettings, _run_random)
+)
+register_attack(
+    AttackSpec(
+        "key-search",
+        "random keys, then hill climbing on labelled accuracy",
+        KeySearchSettings,
+        _run_search,
+        "iterations",
+    )
+)
