@@ -30,8 +30,9 @@ from torch.utils.benchmark import Timer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.authors_style
 
-from blockkey import KeyedTransform, KeySet
 from tests.authors_style import authors_chain
+
+from blockkey import KeyedTransform, KeySet
 
 CONFIGS = [(4, 32, 256), (16, 224, 32)]  # (M, image size, batch)
 RECIPES = ["shuffle", "negpos", "ffx", "shuffle,negpos,ffx"]

@@ -13,11 +13,11 @@ import torch
 
 from blockkey import FFX, KeyedTransform, KeySet, NegPos
 from blockkey import functional as F
+from blockkey.authors_style import authors_chain
 from blockkey.cli import main
 from blockkey.imageio import read_codes, read_image
 from blockkey.keys import ffx_table
 
-from .authors_style import authors_chain
 from .helpers import DEVICES, images, rand_key
 from .test_functional import RECIPES, steps_json
 

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from blockkey import KeyMismatchError, ShapeError
 from blockkey import functional as F
+from blockkey.authors_style import authors_chain
 from blockkey.keys import ffx_table
 
-from .authors_style import authors_chain
 from .helpers import DEVICES, images, rand_key
 from .reference import reference_encrypt
 
