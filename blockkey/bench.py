@@ -55,14 +55,17 @@ PAPER_RECIPES: dict[str, str | None] = {
 PUBLISHED_NOTE = "published demo key: anyone can read it; it protects nothing (blockkey CIFAR-10 reproduction)"
 
 
-def parser(doc: str | None, *, out: str | None = None, table: bool = True) -> argparse.ArgumentParser:
+def parser(
+    doc: str | None, *, out: str | None = None, resumable: bool = True, table: bool = True
+) -> argparse.ArgumentParser:
     """An argument parser described by the first line of ``doc`` (a script's docstring) with the shared options:
-    ``--out DIR`` (when ``out`` is its default), ``--fresh`` (ignore finished entries), ``--table`` (only print
-    what has finished) and ``--json FILE`` (also write the results document there)."""
+    ``--out DIR`` (when ``out`` is its default), ``--fresh`` (ignore finished entries; ``resumable`` scripts),
+    ``--table`` (only print what has finished; ``table``) and ``--json FILE`` (also write the results there)."""
     ap = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
     if out is not None:
         ap.add_argument("--out", default=out, help="folder of results.json and the runs (default %(default)s)")
-        ap.add_argument("--fresh", action="store_true", help="start over: ignore the entries finished in --out")
+        if resumable:
+            ap.add_argument("--fresh", action="store_true", help="start over: ignore the entries finished in --out")
         if table:
             ap.add_argument("--table", action="store_true", help="only print the table of what has finished")
     ap.add_argument("--json", metavar="FILE", help="also write the results and the machine to this JSON file")
