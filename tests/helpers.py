@@ -7,12 +7,20 @@ import random
 
 import pytest
 import torch
+from PIL import Image
 
 from blockkey import KeyFileError, KeySet
+from blockkey.data import ImageTensors
 from blockkey.keys import parse_recipe
 from blockkey.steps import TOKENS
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
+#: Recipes the kernel and conformance tests run on (orders and repeats included).
+RECIPES = ["shuffle", "negpos", "ffx", "shuffle,negpos,ffx", "ffx,negpos", "negpos,ffx,shuffle,ffx", "negpos,negpos"]
+
+
+def steps_json(key: KeySet) -> list[dict]:
+    return [s.to_json() for s in key.steps]
 
 
 class SeededRandom:
@@ -49,3 +57,23 @@ def rand_key(recipe: str, block_size: int, channels: int = 3, seed: int = 0, pas
 
 def images(n: int, c: int, h: int, w: int, device: str = "cpu") -> torch.Tensor:
     return torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8).to(device)
+
+
+def colour_data(n_per_class: int = 40, size: int = 8, classes: int = 3, seed: int = 0) -> ImageTensors:
+    """A learnable toy set: class c has a bright patch in channel c plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    imgs, labels = [], []
+    for c in range(classes):
+        x = torch.randint(0, 100, (n_per_class, 3, size, size), generator=g)
+        x[:, c % 3, : size // 2] += 150
+        imgs.append(x.clamp(0, 255).to(torch.uint8))
+        labels.append(torch.full((n_per_class,), c))
+    return ImageTensors(torch.cat(imgs), torch.cat(labels), tuple(f"class{c}" for c in range(classes)))
+
+
+def write_folder(root, data: ImageTensors):
+    for i, (img, label) in enumerate(zip(data.images, data.labels, strict=True)):
+        d = root / data.classes[int(label)]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
+    return root

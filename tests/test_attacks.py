@@ -18,8 +18,7 @@ from blockkey.functional import compile_block_plan
 from blockkey.rekey import block_affine
 from blockkey.train import TrainConfig, fit
 
-from .helpers import images, rand_key
-from .test_training import colour_data
+from .helpers import colour_data, images, rand_key
 
 
 class TestKnownPlaintext:
@@ -124,7 +123,7 @@ def test_table_adapter_starts_as_plain_images(protected):
 def test_attack_cli(tmp_path, capsys):
     from blockkey.cli import main
 
-    from .test_training import write_folder
+    from .helpers import write_folder
 
     root = write_folder(tmp_path / "ds", colour_data(20, size=16))
     key, other = rand_key("shuffle,negpos", 4, seed=1), rand_key("shuffle,negpos", 4, seed=2)

@@ -12,7 +12,7 @@ from blockkey.card import model_card
 from blockkey.checkpoint import read_meta
 from blockkey.cli import main
 
-from .test_training import colour_data, write_folder
+from .helpers import colour_data, write_folder
 
 
 def key_material(key: KeySet) -> list[str]:

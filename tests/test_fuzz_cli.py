@@ -30,8 +30,7 @@ from blockkey.imageio import write_png
 from blockkey.train import TrainConfig, fit
 from blockkey.transforms import KeyedTransform
 
-from .helpers import rand_key
-from .test_training import colour_data, write_folder
+from .helpers import colour_data, rand_key, write_folder
 
 EXAMPLES = {"cheap": 40, "train": 25, "slow": 6}  # per command; see docs/reliability.md
 COST = {"demo": "slow", "tour": "slow", "train": "train", "evaluate": "train", "attack": "train"}

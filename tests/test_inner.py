@@ -21,8 +21,7 @@ from blockkey.rekey import RekeyError, block_affine
 from blockkey.train import TrainConfig, fit
 from blockkey.transforms import KeyedTransform
 
-from .helpers import rand_key
-from .test_training import colour_data
+from .helpers import colour_data, rand_key
 
 
 def with_inner(key: KeySet, seed: int = 0) -> KeySet:
@@ -217,7 +216,7 @@ def test_alignment_recovers_a_point_its_statistics_identify():
 def test_cli_keygen_train_evaluate_attack(tmp_path, capsys):
     from blockkey.cli import main
 
-    from .test_training import write_folder
+    from .helpers import write_folder
 
     def run(*argv):
         code = main([str(a) for a in argv])

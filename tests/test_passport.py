@@ -17,7 +17,7 @@ from blockkey.models import create_model
 from blockkey.passport import PassportConv, PassportError, Passports, passport_layers, sign_loss, signature_match
 from blockkey.train import TrainConfig, fit
 
-from .test_training import colour_data, write_folder
+from .helpers import colour_data, write_folder
 
 SMALL = {"width": 0.125, "passport": True, "image_size": 16}
 

@@ -20,8 +20,7 @@ from blockkey.predict import Predictor, fit_image, list_images, to_channels
 from blockkey.train import TrainConfig, fit
 from blockkey.transforms import KeyedTransform
 
-from .helpers import rand_key
-from .test_training import colour_data
+from .helpers import colour_data, rand_key
 
 
 def quiet_fit(train, val, key, cfg, out, **kw):

@@ -17,9 +17,8 @@ from blockkey.models import PatchNet, create_model
 from blockkey.rekey import RekeyError, block_affine, convert_run, logit_error, rekey_model, rekey_run
 from blockkey.train import TrainConfig, fit
 
-from .helpers import rand_key
+from .helpers import colour_data, rand_key
 from .reference import reference_encrypt
-from .test_training import colour_data
 
 RECIPES = ["shuffle", "negpos", "shuffle,negpos", "negpos,shuffle", "shuffle,negpos,shuffle,negpos"]
 SMALL = {

@@ -26,27 +26,7 @@ from blockkey.evaluate import align_classes, evaluate_run
 from blockkey.models import create_model, list_models
 from blockkey.train import TrainConfig, fit
 
-from .helpers import rand_key
-
-
-def colour_data(n_per_class: int = 40, size: int = 8, classes: int = 3, seed: int = 0) -> ImageTensors:
-    """A learnable toy set: class c has a bright patch in channel c plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    imgs, labels = [], []
-    for c in range(classes):
-        x = torch.randint(0, 100, (n_per_class, 3, size, size), generator=g)
-        x[:, c % 3, : size // 2] += 150
-        imgs.append(x.clamp(0, 255).to(torch.uint8))
-        labels.append(torch.full((n_per_class,), c))
-    return ImageTensors(torch.cat(imgs), torch.cat(labels), tuple(f"class{c}" for c in range(classes)))
-
-
-def write_folder(root, data: ImageTensors):
-    for i, (img, label) in enumerate(zip(data.images, data.labels, strict=True)):
-        d = root / data.classes[int(label)]
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
-    return root
+from .helpers import colour_data, rand_key, write_folder
 
 
 class TestData:
