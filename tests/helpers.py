@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -77,3 +78,32 @@ def write_folder(root, data: ImageTensors):
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
     return root
+
+
+def saved_figures(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every matplotlib figure saved from now on (the files are still written): tests read the plotted data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    saved: list = []
+    original = Figure.savefig
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        saved.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    return saved
+
+
+def grid_panels(path, width: int, height: int, count: int) -> list[torch.Tensor]:
+    """The ``count`` image panels of a :func:`blockkey.show.step_grid` PNG, back at ``width x height`` (C, H, W)."""
+    scale = max(1, -(-192 // width))
+    pad, title_h = 6, 16
+    with Image.open(path) as im:
+        assert im.size == (count * (width * scale + pad) + pad, height * scale + title_h + 2 * pad)
+        arr = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    x0 = [pad + i * (width * scale + pad) for i in range(count)]
+    return [arr[:, title_h + pad :: scale, x : x + width * scale : scale][:, :height] for x in x0]

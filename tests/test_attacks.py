@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from blockkey import KeyedTransform
 from blockkey.attacks import Target, accuracy
@@ -18,7 +19,7 @@ from blockkey.functional import compile_block_plan
 from blockkey.rekey import block_affine
 from blockkey.train import TrainConfig, fit
 
-from .helpers import colour_data, images, rand_key
+from .helpers import colour_data, images, rand_key, saved_figures, write_folder
 
 
 class TestKnownPlaintext:
@@ -90,14 +91,21 @@ def test_adapter_identity_init_and_exact_solution(protected):
     assert accuracy(target, exact) == pytest.approx(accuracy(target, KeyedTransform(target.key)))
 
 
-def test_adapter_attack_recovers_accuracy_on_a_shuffle_negpos_model(protected, tmp_path):
+def test_adapter_attack_recovers_accuracy_on_a_shuffle_negpos_model(protected, tmp_path, monkeypatch):
     target, train = protected
+    figures = saved_figures(monkeypatch)
     rep = adapter_attack(target, train, [0.5], epochs=25, progress=False)
     row = rep.rows[0]
     assert rep.plain_accuracy < rep.key_holder_accuracy - 0.2  # the key matters on this model
     assert row["attacker_accuracy"] > rep.plain_accuracy + 0.15  # and the adapter wins most of it back
     rep.plot(tmp_path / "curve.png", "data_fraction")
-    assert (tmp_path / "curve.png").stat().st_size > 1000
+    (ax,) = figures[0].axes  # the row, then the key holder and chance as horizontal lines
+    curve, holder, chance = ax.lines
+    assert list(curve.get_xdata()) == [0.5] and list(curve.get_ydata()) == [100 * row["attacker_accuracy"]]
+    assert list(holder.get_ydata()) == [100 * rep.key_holder_accuracy] * 2 and list(
+        chance.get_ydata()
+    ) == pytest.approx([100 / 3] * 2)
+    assert Image.open(tmp_path / "curve.png").size == (600, 384)  # 5 x 3.2 inches at 120 dpi
 
 
 def test_training_an_adapter_leaves_the_stolen_model_as_it_was(protected):
@@ -120,10 +128,8 @@ def test_table_adapter_starts_as_plain_images(protected):
     assert torch.allclose(t(x), expect, atol=1e-5) and torch.allclose(t(x.float() / 255), expect, atol=1e-5)
 
 
-def test_attack_cli(tmp_path, capsys):
+def test_attack_cli(tmp_path, capsys, monkeypatch):
     from blockkey.cli import main
-
-    from .helpers import write_folder
 
     root = write_folder(tmp_path / "ds", colour_data(20, size=16))
     key, other = rand_key("shuffle,negpos", 4, seed=1), rand_key("shuffle,negpos", 4, seed=2)
@@ -136,9 +142,13 @@ def test_attack_cli(tmp_path, capsys):
     assert main([str(a) for a in [*base[:1], "known-plaintext", *base[1:], "--pairs", "1", "--json"]]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["attack"] == "known-plaintext" and doc["rows"][0]["source_fraction"] == 1.0
+    figures = saved_figures(monkeypatch)
     args = [*base[:1], "adapter", *base[1:], "--fractions", "0.5", "--epochs", "1", "--plot", tmp_path / "a.png"]
-    assert main([str(a) for a in args]) == 0
-    assert "| 50% of the training data" in capsys.readouterr().out and (tmp_path / "a.png").exists()
+    assert main([str(a) for a in [*args, "--json"]]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["rows"][0]["setting"] == "50% of the training data" and len(figures) == 1
+    curve = figures[0].axes[0].lines[0]  # the registry's x axis for the adapter: the data fraction
+    assert list(curve.get_xdata()) == [0.5] and list(curve.get_ydata()) == [100 * rep["rows"][0]["attacker_accuracy"]]
     for name, extra, expect in [
         ("random-keys", ["--keys", "2", "--batch", "16"], "best of 2 random keys"),
         ("key-search", ["--keys", "2", "--iterations", "4", "--batch", "16"], "after 4 swaps/flips"),
@@ -174,7 +184,9 @@ class TestKeySearch:
         target, train = negpos_model
         rep = random_keys_attack(target, train, keys=10, batch=64, progress=False)
         r = rep.rows[0]
-        assert r["batch_accuracy_max"] >= r["batch_accuracy_mean"] and 0 <= r["attacker_accuracy"] <= 1
+        assert r["batch_accuracy_max"] >= r["batch_accuracy_mean"]
+        correct = r["attacker_accuracy"] * len(target.val)  # measured on the held-out images, not the batch
+        assert correct == pytest.approx(round(correct), abs=1e-6) and round(correct) <= len(target.val)
         assert 60 <= r["batch_images"] <= 64 and rep.attack == "random-keys"  # stratified: 21 per class
 
     def test_hill_climb_from_the_complement_finds_a_working_key(self, negpos_model):

@@ -26,7 +26,7 @@ from blockkey.evaluate import align_classes, evaluate_run
 from blockkey.models import create_model, list_models
 from blockkey.train import TrainConfig, fit
 
-from .helpers import colour_data, rand_key, write_folder
+from .helpers import colour_data, rand_key, saved_figures, write_folder
 
 
 class TestData:
@@ -298,7 +298,7 @@ class TestCLIErrors:
         assert "Traceback" not in err
         return code, err
 
-    def test_train_and_evaluate_errors(self, trained, capsys):
+    def test_train_and_evaluate_errors(self, trained, capsys, monkeypatch):
         t = trained
         code, err = self.run(capsys, "train", "--data", t / "nope", "--no-key", "-o", t / "r2")
         assert code == 2 and "does not exist" in err and err.count("\n") == 1
@@ -311,20 +311,15 @@ class TestCLIErrors:
         assert code == 2 and "already holds a run" in err
         code, err = self.run(capsys, "evaluate", "--model", t / "run", "--key", t / "k3.json", "--wrong-keys", "0")
         assert code == 2 and "the key is for M=3" in err
-        code, _ = self.run(
-            capsys,
-            "evaluate",
-            "--model",
-            t / "run",
-            "--key",
-            t / "k.json",
-            "--wrong-keys",
-            "2",
-            "--plot",
-            t / "bars.png",
-            "--json",
-        )
-        assert code == 0 and (t / "bars.png").exists()
+        from blockkey.cli import main
+
+        figures = saved_figures(monkeypatch)
+        argv = ["evaluate", "--model", t / "run", "--key", t / "k.json", "--wrong-keys", "2", "--plot", t / "bars.png"]
+        assert main([str(a) for a in [*argv, "--json"]]) == 0
+        rows = json.loads(capsys.readouterr().out)["rows"]
+        bars = figures[0].axes[0].patches  # one bar per row, its height the row's accuracy
+        assert [b.get_height() for b in bars] == pytest.approx([100 * r["accuracy"] for r in rows])
+        assert [r["setting"] for r in rows][:1] == ["correct key"] and len(rows) == 3
         (t / "run" / "model.safetensors").write_bytes(b"\0" * 64)
         code, err = self.run(capsys, "evaluate", "--model", t / "run", "--key", t / "k.json")
         assert code == 2 and "corrupt weights" in err and err.count("\n") == 1
