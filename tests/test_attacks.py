@@ -105,7 +105,8 @@ def test_adapter_attack_recovers_accuracy_on_a_shuffle_negpos_model(protected, t
     assert list(holder.get_ydata()) == [100 * rep.key_holder_accuracy] * 2 and list(
         chance.get_ydata()
     ) == pytest.approx([100 / 3] * 2)
-    assert Image.open(tmp_path / "curve.png").size == (600, 384)  # 5 x 3.2 inches at 120 dpi
+    with Image.open(tmp_path / "curve.png") as im:
+        assert im.size == (600, 384)  # 5 x 3.2 inches at 120 dpi
 
 
 def test_training_an_adapter_leaves_the_stolen_model_as_it_was(protected):

@@ -156,7 +156,8 @@ class TestEncryptDecrypt:
 def test_show_and_tour(tmp_path, key_path, capsys):
     src = write_rgb(tmp_path / "a.png")
     assert run(capsys, "show", "--key", key_path, src, "-o", tmp_path / "grid.png")[0] == 0
-    x = torch.from_numpy(np.array(Image.open(src))).permute(2, 0, 1)
+    with Image.open(src) as im:
+        x = torch.from_numpy(np.array(im)).permute(2, 0, 1)
     panels = grid_panels(tmp_path / "grid.png", 32, 32, 5)  # original, 3 steps, decrypted
     encrypted = (KeyedTransform(KeySet.load(key_path))(x[None])[0] * 255).round().to(torch.uint8)
     assert torch.equal(panels[0], x) and torch.equal(panels[3], encrypted) and torch.equal(panels[4], x)
