@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from blockkey.attacks import AttackReport, Target
+from blockkey.attacks import AttackReport
 from blockkey.attacks.known_plaintext import known_plaintext_attack
 from blockkey.attacks.registry import (
     ATTACKS,
@@ -21,13 +21,8 @@ from blockkey.attacks.registry import (
     run_attack,
     settings_from_args,
 )
-from blockkey.checkpoint import load_model
 from blockkey.cli import build_parser
-from blockkey.data import stratified_split
 from blockkey.errors import BlockkeyError
-from blockkey.train import TrainConfig, fit
-
-from .helpers import colour_data, rand_key
 
 BUILTIN = {
     "adapter": "data_fraction",
@@ -93,18 +88,6 @@ def test_a_registered_attack_gets_its_own_subparser():
             p.parse_args(["adapter", "--rounds", "5"])  # not an option of another attack
     finally:
         del ATTACKS["probe"]
-
-
-@pytest.fixture(scope="module")
-def tiny_target(tmp_path_factory):
-    """A patchnet trained one epoch on a toy set: enough to compare two paths to the same attack."""
-    tmp = tmp_path_factory.mktemp("reg")
-    train, val = stratified_split(colour_data(8, size=16), 0.25, 0)
-    key = rand_key("shuffle,negpos", 4, seed=2)
-    cfg = TrainConfig(model="patchnet", model_kwargs={"patch": 4, "width": 0.25}, epochs=1, batch_size=8, amp="off")
-    fit(train, val, key, cfg, tmp / "run", progress=False, log=lambda s: None)
-    model, meta = load_model(tmp / "run")
-    return Target(model, meta, key, val), train
 
 
 def _rows(rep: AttackReport) -> list[dict]:

@@ -147,7 +147,7 @@ def test_attack_cli(tmp_path, capsys, monkeypatch):
     args = [*base[:1], "adapter", *base[1:], "--fractions", "0.5", "--epochs", "1", "--plot", tmp_path / "a.png"]
     assert main([str(a) for a in [*args, "--json"]]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["rows"][0]["setting"] == "50% of the training data" and len(figures) == 1
+    assert rep["rows"][0]["setting"].startswith("50% of the training data") and len(figures) == 1
     curve = figures[0].axes[0].lines[0]  # the registry's x axis for the adapter: the data fraction
     assert list(curve.get_xdata()) == [0.5] and list(curve.get_ydata()) == [100 * rep["rows"][0]["attacker_accuracy"]]
     for name, extra, expect in [

@@ -18,9 +18,9 @@ CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
 
 def test_builtin_steps_are_registered_in_the_papers_order():
-    assert STEP_NAMES == ("shuffle", "negpos", "ffx")
+    assert STEP_NAMES[:3] == ("shuffle", "negpos", "ffx")  # then any step module added to blockkey/steps
     assert STEP_TYPES["shuffle"] is Shuffle and STEP_TYPES["negpos"] is NegPos and STEP_TYPES["ffx"] is FFX
-    assert RECIPE_TOKENS == ("shuffle", "negpos", "ffx", "ffx-all", "inner")
+    assert RECIPE_TOKENS[:4] == ("shuffle", "negpos", "ffx", "ffx-all") and RECIPE_TOKENS[-1] == "inner"
     assert {Shuffle.linear, NegPos.linear, FFX.linear} == {True, False} and not FFX.linear
     assert ALIASES == {"shf": "shuffle", "np": "negpos", "neg": "negpos"}
     assert parse_recipe("np+shf,NEG") == ("negpos", "shuffle", "negpos")

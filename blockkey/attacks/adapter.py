@@ -95,7 +95,9 @@ def _fit_adapter(
     batch_size = max(1, min(batch_size, len(train) // 4))  # small fractions still get several steps an epoch
     loader = make_loader(train, batch_size, train=True, transform=None, normalize=None, device=target.device, seed=seed)
     steps = max(1, epochs * len(loader))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.2)
+    # OneCycleLR divides by pct_start * steps - 1: zero for 0.2 and exactly 5 steps (a tiny data fraction)
+    pct = 0.2 if steps != 5 else 0.25
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=pct)
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(epochs):
         loader.set_epoch(epoch)

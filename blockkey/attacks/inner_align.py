@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import argtypes as at
 from ..data import Data
+from ..errors import KeyMismatchError
 from ..functional import BlockPlan
 from ..inner import ChannelKey, inner_points
 from ..keys import KeySet
@@ -256,7 +257,7 @@ def inner_align_attack(
     """
     key = target.key
     if not isinstance(key, KeySet) or key.inner is None:
-        raise ValueError("inner-align attacks a key with an inner part (recipe token 'inner')")
+        raise KeyMismatchError("inner-align attacks a key with an inner part (recipe token 'inner')")
     started = time.perf_counter()
     outer = KeySet(key.block_size, key.channels, key.steps) if key.steps else None
     true = inner_points(target.model, key.inner)
