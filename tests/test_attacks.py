@@ -68,6 +68,7 @@ def protected(tmp_path_factory):
     return trained_target(tmp_path_factory.mktemp("attacks"), rand_key("shuffle,negpos", 4, seed=21), 16, "position")
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_known_plaintext_attack_report(protected):
     target, _ = protected
     rep = known_plaintext_attack(target, [1, 2])
@@ -78,6 +79,7 @@ def test_known_plaintext_attack_report(protected):
     assert doc["attack"] == "known-plaintext" and "| 1 pair |" in rep.to_markdown()
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_adapter_identity_init_and_exact_solution(protected):
     target, _ = protected
     plain = accuracy(target, BlockAdapter(4, 3, target.normalize, table=False))
@@ -91,6 +93,7 @@ def test_adapter_identity_init_and_exact_solution(protected):
     assert accuracy(target, exact) == pytest.approx(accuracy(target, KeyedTransform(target.key)))
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_adapter_attack_recovers_accuracy_on_a_shuffle_negpos_model(protected, tmp_path, monkeypatch):
     target, train = protected
     figures = saved_figures(monkeypatch)
@@ -109,6 +112,7 @@ def test_adapter_attack_recovers_accuracy_on_a_shuffle_negpos_model(protected, t
         assert im.size == (600, 384)  # 5 x 3.2 inches at 120 dpi
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_training_an_adapter_leaves_the_stolen_model_as_it_was(protected):
     from blockkey.attacks.adapter import train_adapter
 
@@ -120,6 +124,7 @@ def test_training_an_adapter_leaves_the_stolen_model_as_it_was(protected):
     assert all(torch.equal(p, weights[n]) for n, p in target.model.named_parameters())
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_table_adapter_starts_as_plain_images(protected):
     target, _ = protected
     t = BlockAdapter(4, 3, target.normalize, table=True)
@@ -129,6 +134,7 @@ def test_table_adapter_starts_as_plain_images(protected):
     assert torch.allclose(t(x), expect, atol=1e-5) and torch.allclose(t(x.float() / 255), expect, atol=1e-5)
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_attack_cli(tmp_path, capsys, monkeypatch):
     from blockkey.cli import main
 
@@ -180,6 +186,7 @@ def negpos_model(tmp_path_factory):
     return trained_target(tmp_path_factory.mktemp("ks"), rand_key("negpos", 2, seed=5), 8)
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 class TestKeySearch:
     def test_random_keys_reports_the_best_on_held_out_images(self, negpos_model):
         target, train = negpos_model
@@ -248,6 +255,7 @@ class TestCiphertextOnly:
         assert best == 1.0
         assert info["candidates"] == {"negpos": 2, "shuffle": 8, "shuffle,negpos": 16}[recipe]
 
+    @pytest.mark.slow  # more than 10 s on a 2-vCPU VM
     def test_with_ffx_the_clear_positions_are_still_recovered(self):
         from blockkey.attacks.ciphertext_only import recover_key_ciphertext_only
 
@@ -288,6 +296,7 @@ class TestCiphertextOnly:
         assert torch.allclose(b[found][:, found], a)
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_finetune_attack_trains_what_it_says(protected, tmp_path):
     from blockkey.attacks.finetune import finetune_attack
 

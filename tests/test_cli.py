@@ -169,6 +169,7 @@ def test_show_and_tour(tmp_path, key_path, capsys):
     assert torch.equal(tour[0], sample_image()) and torch.equal(tour[-1], sample_image())
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_help_and_module_entry_point():
     for cmd in ["--help", "keygen --help", "encrypt --help", "show --help", "tour --help"]:
         r = subprocess.run([sys.executable, "-m", "blockkey", *cmd.split()], capture_output=True, text=True)
@@ -241,6 +242,7 @@ class TestReviewRegressions:
         assert code == 2 and "block size dividing 32" in err and not (tmp_path / "t64").exists()
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_demo_quick(tmp_path, capsys):
     """The README's main job, shrunk: trains both models, evaluates, never touches a real key."""
     out = tmp_path / "demo"

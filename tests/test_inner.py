@@ -213,6 +213,7 @@ def test_alignment_recovers_a_point_its_statistics_identify():
     assert st.loss(st.output(perm, sign)) < 1e-6
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_cli_keygen_train_evaluate_attack(tmp_path, capsys):
     from blockkey.cli import main
 

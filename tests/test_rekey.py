@@ -91,6 +91,7 @@ def test_rekey_is_exact_and_round_trips(name):
     assert np.allclose(back_norm.mean, normalize.per_position(m, 3)[0].numpy(), atol=1e-15)
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_torchvision_convnext_stem():
     torch.manual_seed(0)
     net = create_model("tv_convnext_tiny", 5).eval()

@@ -158,6 +158,7 @@ class TestFit:
             "channels": 3,
         }
 
+    @pytest.mark.slow  # more than 10 s on a 2-vCPU VM
     def test_resume_after_interruption_gives_identical_weights(self, tmp_path):
         data = colour_data(24)
         key = rand_key("shuffle,negpos", 4)
@@ -389,6 +390,7 @@ class TestStream:
         train = StreamLoader(stream, 8, train=True, transform=key, normalize=norm, seed=1)
         assert len(train) == 3 and all(x.shape == (8, 3, 16, 16) for x, _ in train)
 
+    @pytest.mark.slow  # more than 10 s on a 2-vCPU VM
     def test_train_and_evaluate_cli(self, tmp_path, capsys):
         from blockkey.cli import main
 
