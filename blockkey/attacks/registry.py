@@ -147,5 +147,6 @@ def add_attack_parsers(
 
 def settings_from_args(spec: AttackSpec[S], args: argparse.Namespace) -> S:
     """The settings of ``spec`` from parsed arguments (fields without a CLI option keep their defaults)."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(spec.settings) if hasattr(args, f.name)}
+    fields = dataclasses.fields(spec.settings)  # type: ignore[arg-type]  # register_attack checked: a dataclass
+    given = {f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)}
     return spec.settings(**given)
