@@ -184,6 +184,7 @@ def test_rekey_refuses_inner_keys():
         block_affine(with_inner(rand_key("shuffle", 2)))
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_alignment_recovers_a_point_its_statistics_identify():
     """inner-align's matcher: where the BatchNorm record pins the key down (8 channels into 48), it finds it."""
     from blockkey.attacks.inner_align import _capture, _refine, _start, _Stats, _trace

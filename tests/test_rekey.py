@@ -132,6 +132,7 @@ def plain_run(tmp_path):
     return tmp_path, va, meta
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_convert_and_rekey_runs(plain_run):
     t, va, _ = plain_run
     plain = evaluate_run(t / "plain", va, None, progress=False).rows[0]["accuracy"]
@@ -159,6 +160,7 @@ def test_convert_and_rekey_runs(plain_run):
         rekey_run(t / "plain", k1, k2, t / "x")
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_check_refuses_a_model_that_bypasses_its_patch_embedding(plain_run, monkeypatch):
     from blockkey import models
 
@@ -175,6 +177,7 @@ def test_check_refuses_a_model_that_bypasses_its_patch_embedding(plain_run, monk
     assert not (t / "leaky").exists()
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_cli(plain_run, capsys):
     from blockkey.cli import main
 

@@ -127,6 +127,7 @@ CFG = dict(model="fastnet", model_kwargs={"width": 0.25}, batch_size=16, lr=0.05
 
 
 class TestFit:
+    @pytest.mark.slow  # more than 10 s on a 2-vCPU VM
     def test_trains_and_evaluates(self, tmp_path):
         data = colour_data(40)
         tr, va = stratified_split(data, 0.25, 0)
