@@ -19,53 +19,41 @@ published key (an independently trained network).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+from typing import Any
 
-from blockkey import KeySet
-from blockkey.attacks import Target
-from blockkey.attacks.adapter import adapter_attack
-from blockkey.attacks.ciphertext_only import ciphertext_only_attack
-from blockkey.attacks.finetune import finetune_attack
-from blockkey.attacks.key_search import key_search_attack, random_keys_attack
-from blockkey.attacks.known_plaintext import known_plaintext_attack
-from blockkey.attacks.weights_only import weights_only_attack
+from blockkey import KeySet, bench
+from blockkey.attacks import AttackReport, Target
+from blockkey.attacks.registry import AttackData, attacks, run_attack
 from blockkey.checkpoint import load_model
 from blockkey.data import Normalize, load_dataset, stratified_split
 from blockkey.rekey import convert_run, rekey_model
 
 MODELS = ["shuffle", "negpos", "ffx", "shuffle-negpos-ffx"]
+#: The suite's attacks, cheap ones first (the suite runs attack-major), and its settings beside the CLI defaults.
 ATTACKS = ["random-keys", "key-search", "known-plaintext", "ciphertext-only", "adapter", "fine-tune", "weights-only"]
 CONVERTED_RECIPES = ["shuffle", "negpos", "shuffle,negpos"]
 FRACTIONS = [0.01, 0.05, 0.1]
-PLOT_X = {
-    "adapter": "data_fraction",
-    "fine-tune": "data_fraction",
-    "key-search": "iterations",
-    "known-plaintext": "pairs",
-    "ciphertext-only": "images",
+SETTINGS: dict[str, dict[str, Any]] = {
+    "known-plaintext": {"pairs": [1, 2, 4, 16], "pairs_from": "train"},
+    "adapter": {"fractions": FRACTIONS},
+    "fine-tune": {"fractions": FRACTIONS, "epochs": 15},
 }
 
 
-def run_attack(name: str, target: Target, run: Path, train, out: Path):
-    if name == "random-keys":
-        return random_keys_attack(target, train, keys=100, batch=256, progress=False)
-    if name == "key-search":
-        return key_search_attack(target, train, random_keys=100, iterations=2000, batch=256, progress=False)
-    if name == "known-plaintext":
-        return known_plaintext_attack(target, [1, 2, 4, 16], data=train)
-    if name == "ciphertext-only":
-        return ciphertext_only_attack(target, train, [100, 1000])
-    if name == "adapter":
-        return adapter_attack(target, train, FRACTIONS, epochs=30, progress=False)
+def run_one(name: str, target: Target, run: Path, train: Any, out: Path) -> AttackReport:
+    """Attack ``name`` through the registry with the suite's settings (no progress bars)."""
+    settings = dict(SETTINGS.get(name, {}))
+    if name == "fine-tune":
+        settings["output"] = str(out / "finetune" / run.name)
     if name == "weights-only":
         converted = run.parent.parent.name == "converted"
-        ref_name = "plain model: checkpoints/shuffle un-keyed" if converted else "plain model: checkpoints/none"
-        return weights_only_attack(target, train, reference_model=reference(run, converted), reference_name=ref_name)
-    if name == "fine-tune":
-        return finetune_attack(target, run, train, FRACTIONS, out / "finetune" / run.name, epochs=15, progress=False)
-    raise ValueError(name)
+        settings["reference_model"] = reference(run, converted)
+        settings["reference_name"] = (
+            "plain model: checkpoints/shuffle un-keyed" if converted else "plain model: checkpoints/none"
+        )
+    return run_attack(name, target, AttackData(train, run_dir=run, progress=False), **settings)
 
 
 def reference(run: Path, converted: bool):
@@ -103,8 +91,8 @@ def table(results: dict) -> str:
         "| key recovered |",
         "|---|---|---:|---:|---|---:|---:|",
     ]
-    for model, attacks in results.items():
-        for name, rep in attacks.items():
+    for model, reports in results.items():
+        for name, rep in reports.items():
             b = best_row(rep)
             frac = b.get("position_fraction")
             lines.append(
@@ -114,20 +102,17 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = bench.parser(__doc__, out="runs/attack-suite")
     ap.add_argument("--checkpoints", default="checkpoints")
     ap.add_argument("--data", default="../shared/datasets/cifar10/train")
     ap.add_argument("--models", nargs="*", default=MODELS)
-    ap.add_argument("--attacks", nargs="*", default=ATTACKS, choices=ATTACKS)
-    ap.add_argument("--out", default="runs/attack-suite")
-    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--attacks", nargs="*", default=ATTACKS, choices=list(attacks()))
     ap.add_argument("--converted", type=int, default=0, help="also attack N converted models per recipe")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
+    results = bench.Results(out / "results.json", fresh=args.fresh)
     if not args.table:
         data = load_dataset(args.data)
         runs = {m: (Path(args.checkpoints) / m, Path(args.checkpoints) / m / "key.json") for m in args.models}
@@ -142,13 +127,14 @@ def main() -> None:
                 d = meta.get("data", {})
                 train, val = stratified_split(data, d.get("val_fraction", 0.1), d.get("split_seed", 0))
                 print(f"{model_name}: {name} ...", flush=True)
-                rep = run_attack(name, Target(model, meta, key, val), run, train, out)
-                results.setdefault(model_name, {})[name] = rep.to_json()
-                path.write_text(json.dumps(results, indent=1))
+                rep = run_one(name, Target(model, meta, key, val), run, train, out)
+                results.put(model_name, {**results.get(model_name, {}), name: rep.to_json()})
                 print(rep.to_markdown(), flush=True)
-                if name in PLOT_X:
-                    rep.plot(out / f"{model_name}-{name}.png", PLOT_X[name])
-    print(table(results))
+                x_axis = attacks()[name].x_axis
+                if x_axis is not None:
+                    rep.plot(out / f"{model_name}-{name}.png", x_axis)
+    print(table(results.entries))
+    results.write_json(args.json)
 
 
 if __name__ == "__main__":

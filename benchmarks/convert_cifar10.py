@@ -14,13 +14,12 @@ it: `python benchmarks/attack_suite.py --checkpoints runs/convert-cifar10 --mode
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
 from pathlib import Path
 
-from blockkey import KeySet
+from blockkey import KeySet, bench
 from blockkey.checkpoint import load_model
 from blockkey.data import Normalize, load_dataset, stratified_split
 from blockkey.evaluate import evaluate_run
@@ -30,26 +29,27 @@ RECIPES = ["shuffle", "negpos", "shuffle,negpos", "negpos,shuffle,negpos"]
 NOTE = "benchmark key (benchmarks/convert_cifar10.py): not for real use"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = bench.parser(__doc__, out="runs/convert-cifar10", resumable=False, table=False)
     ap.add_argument("--model", default="checkpoints/none", help="plain-trained block-aligned run directory")
     ap.add_argument("--data", default="../shared/datasets/cifar10/train")
     ap.add_argument("--val-fraction", type=float, default=0.1, help="as in reproduce_cifar10.py")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--wrong-keys", type=int, default=100)
-    ap.add_argument("--out", default="runs/convert-cifar10")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    store = bench.Results(out / "results.json", fresh=True)  # fresh keys every run: nothing to resume
     _, val = stratified_split(load_dataset(args.data), args.val_fraction, args.seed)
     base = evaluate_run(args.model, val, None, progress=False).rows[0]["accuracy"]
     print(f"non-protected model {args.model}: {base:.2%} on {len(val)} held-out images")
 
     model, meta = load_model(args.model)
     norm = Normalize.from_json(meta["normalize"])
-    rows, results = [], {"base_model": args.model, "base_accuracy": base, "images": len(val), "rows": []}
+    rows: list[str] = []
+    store.put("base", {"base_model": args.model, "base_accuracy": base, "images": len(val)})
 
     def record(name: str, run: Path, key: KeySet, seconds: float, fold_ms: float, wrong: int) -> None:
         rep = evaluate_run(run, val, key, wrong_keys=wrong, progress=False)
@@ -66,7 +66,7 @@ def main() -> None:
             "plain": acc["plain images"]["accuracy"],
             "wrong": w,
         }
-        results["rows"].append(row)
+        store.put(name, row)
         fold = f" ({fold_ms:.1f} ms fold)" if fold_ms == fold_ms else ""  # NaN: not measured (rekey)
         wtxt = f"{w['accuracy']:.1%} ({w['std']:.1%}, {w['max']:.1%}), n={w['n']}" if w else "-"
         rows.append(
@@ -100,7 +100,7 @@ def main() -> None:
         convert_run(args.model, KeySet.generate("shuffle,negpos,ffx", 4), out / "ffx")
     except RekeyError as e:
         print(f"ffx refused: {e}")
-        results["ffx"] = str(e)
+        store.put("ffx", str(e))
 
     print()
     print(
@@ -109,7 +109,7 @@ def main() -> None:
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    store.write_json(args.json)
 
 
 if __name__ == "__main__":

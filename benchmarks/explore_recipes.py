@@ -14,20 +14,13 @@ benchmark resumes); --table prints the trade-off table and writes OUT/tradeoff.p
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
+from typing import Any
 
-from reproduce_cifar10 import train_recipe
-
-from blockkey import KeySet
-from blockkey.attacks import Target
-from blockkey.attacks.adapter import adapter_attack
-from blockkey.attacks.ciphertext_only import ciphertext_only_attack
-from blockkey.attacks.finetune import finetune_attack
-from blockkey.attacks.key_search import random_keys_attack
-from blockkey.attacks.known_plaintext import known_plaintext_attack
+from blockkey import KeySet, bench
+from blockkey.attacks import AttackReport, Target
+from blockkey.attacks.registry import AttackData, run_attack
 from blockkey.checkpoint import load_model
 from blockkey.data import load_dataset, stratified_split, stratified_subset
 
@@ -48,22 +41,17 @@ WITHIN_THREAT_MODEL = ("random-keys", "fine-tune", "adapter", "inner-align")
 FRACTION_ATTACKS = ("fine-tune", "adapter")  # the ones run again at each --fractions value
 
 
-def attack(name: str, target: Target, run: Path, train, out: Path, fraction: float = FRACTION):
-    if name == "random-keys":
-        return random_keys_attack(target, train, keys=100, batch=256, progress=False)
-    if name == "fine-tune":
-        return finetune_attack(target, run, train, [fraction], out / "finetune" / run.name, epochs=15, progress=False)
-    if name == "adapter":
-        return adapter_attack(target, train, [fraction], epochs=30, progress=False)
-    if name == "inner-align":  # the input key given: it isolates the inner key
-        from blockkey.attacks.inner_align import inner_align_attack
-
-        return inner_align_attack(target, train, [round(fraction * len(train))], seconds_per_point=120)
-    if name == "known-plaintext":
-        return known_plaintext_attack(target, [1], data=train)
-    if name == "ciphertext-only":
-        return ciphertext_only_attack(target, train, [100])
-    raise ValueError(name)
+def attack(name: str, target: Target, run: Path, train: Any, out: Path, fraction: float = FRACTION) -> AttackReport:
+    """Attack ``name`` through the registry with this benchmark's settings (the threat model's 1 % by default)."""
+    settings: dict[str, dict[str, Any]] = {
+        "fine-tune": {"fractions": [fraction], "epochs": 15, "output": str(out / "finetune" / run.name)},
+        "adapter": {"fractions": [fraction], "epochs": 30},
+        # the input key given: it isolates the inner key
+        "inner-align": {"images": [round(fraction * len(train))], "seconds_per_point": 120},
+        "known-plaintext": {"pairs": [1], "pairs_from": "train"},
+        "ciphertext-only": {"images": [100]},
+    }
+    return run_attack(name, target, AttackData(train, run_dir=run, progress=False), **settings.get(name, {}))
 
 
 def summary(results: dict) -> list[dict]:
@@ -178,19 +166,9 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _save(path: Path, name: str, entry: dict) -> None:
-    """Write one candidate's entry, keeping what other runs of this script wrote meanwhile."""
-    current = json.loads(path.read_text()) if path.exists() else {}
-    current[name] = entry
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current, indent=1))
-    tmp.replace(path)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = bench.parser(__doc__, out="runs/explore")
     ap.add_argument("--data", default="../shared/datasets/cifar10/train")
-    ap.add_argument("--out", default="runs/explore")
     ap.add_argument("--only", nargs="*", choices=list(CANDIDATES))
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=256)
@@ -205,12 +183,11 @@ def main() -> None:
         default=[],
         help=f"also run {', '.join(FRACTION_ATTACKS)} with these shares of the labelled data (besides 1%%)",
     )
-    ap.add_argument("--table", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
+    store = bench.Results(out / "results.json", fresh=args.fresh)
+    results = store.entries
     if not args.table:
         data = load_dataset(args.data)
         train, val = stratified_split(data, args.val_fraction, args.seed)
@@ -220,7 +197,7 @@ def main() -> None:
             recipe, model_name, norm, *extra = CANDIDATES[name]
             entry = results.setdefault(name, {})
             if "train" not in entry:
-                entry["train"] = train_recipe(
+                entry["train"] = bench.train_recipe(
                     out,
                     name,
                     recipe,
@@ -233,7 +210,7 @@ def main() -> None:
                     norm=norm,
                     model_kwargs=extra[0] if extra else None,
                 )
-                _save(path, name, entry)
+                store.put(name, entry)
             if recipe is None:
                 continue
             todo = [(a, FRACTION, a) for a in ATTACKS]
@@ -254,12 +231,13 @@ def main() -> None:
                         rep = {"skipped": f"{type(e).__name__}: {e}"}
                 rep["seconds"] = round(time.perf_counter() - t0, 1)
                 entry["attacks"][slot] = rep
-                _save(path, name, entry)
+                store.put(name, entry)
     print(table(results))
     print()
     print(advantage_table(results))
     plot(results, out / "tradeoff.png")
     print(f"plot: {out / 'tradeoff.png'}")
+    store.write_json(args.json)
 
 
 if __name__ == "__main__":

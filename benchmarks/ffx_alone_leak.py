@@ -12,14 +12,14 @@ plain images present unchanged.
 
 from __future__ import annotations
 
-import argparse
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from blockkey import KeyedTransform, KeySet
+from blockkey import KeyedTransform, KeySet, bench
 from blockkey.attacks import Target, accuracy
-from blockkey.checkpoint import load_model
+from blockkey.checkpoint import load_model, write_json_atomic
 from blockkey.data import load_dataset, stratified_split
 from blockkey.functional import from_blocks
 
@@ -40,11 +40,11 @@ class Blanked(nn.Module):
         return ((y - mean) / std) * self.keep.to(y.device)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = bench.parser(__doc__)
     ap.add_argument("--model", default="checkpoints/ffx")
     ap.add_argument("--data", default="../shared/datasets/cifar10/train")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     model, meta = load_model(args.model)
     key = KeySet.load(f"{args.model}/key.json")
     d = meta["data"]
@@ -64,9 +64,9 @@ def main() -> None:
         ("correct key, clear positions blanked (FFX half only)", accuracy(target, Blanked(target, encrypted))),
     ]
     print(f"{args.model}: {int(ffx_mask.sum())} of {m * m * c} block positions FFX-encrypted; {len(val)} images")
-    print("| input | accuracy |\n|---|---:|")
-    for name, acc in rows:
-        print(f"| {name} | {acc:.1%} |")
+    print(bench.markdown_table(["input", "accuracy"], [(name, f"{acc:.1%}") for name, acc in rows]))
+    if args.json:
+        write_json_atomic(Path(args.json), {"machine": bench.machine("cpu"), "model": args.model, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -63,10 +63,9 @@ import time
 from pathlib import Path
 
 import torch
-from reproduce_cifar10 import RECIPES, train_recipe
 
-import blockkey
-from blockkey import KeySet
+from blockkey import KeySet, bench
+from blockkey.bench import PAPER_RECIPES as RECIPES
 from blockkey.checkpoint import write_json_atomic
 from blockkey.data import load_dataset, stratified_split, stratified_subset
 from blockkey.models import block_aligned
@@ -88,11 +87,13 @@ def plan_epochs(seconds: float, epoch_seconds: float, cap: int) -> int:
 
 def device_info(device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    machine = bench.machine(device)
     return {
         "device": name,
-        "torch": torch.__version__,
+        "torch": machine["torch"],
         "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "blockkey": blockkey.__version__,
+        "blockkey": machine["blockkey"],
+        "machine": machine,
     }
 
 
@@ -239,7 +240,7 @@ def run_protocol(args: argparse.Namespace, results: dict, save) -> None:
             f"== {row_id}: {model} {kwargs}, {epochs} epochs (~{epoch_s:.1f} s each), {left():.0f} s left", flush=True
         )
         t_row = time.perf_counter()
-        r = train_recipe(
+        r = bench.train_recipe(
             work,
             f"{part}-{name}",
             recipe,
@@ -261,13 +262,12 @@ def run_protocol(args: argparse.Namespace, results: dict, save) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = bench.parser(__doc__, out=os.environ.get("OUT") or "runs/gpu-protocol")
     ap.add_argument(
         "--data",
         default=PACK if Path(PACK).exists() else "../shared/datasets/cifar10/train",
         help="an image pack (.npz) or ImageFolder of the CIFAR-10 training images",
     )
-    ap.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu-protocol", help="results.json, table.md")
     ap.add_argument("--work", help="run directories (default: a temporary folder)")
     ap.add_argument("--keep-runs", action="store_true", help="keep the run directories (default: removed)")
     ap.add_argument("--parts", nargs="+", choices=["fast", "paper"], default=["fast", "paper"])
@@ -290,7 +290,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast (auto: bf16)")
     ap.add_argument("--compile", action="store_true", help="train through torch.compile")
     ap.add_argument("--prepare", metavar="DIR", help="only pack the data and pyffx into DIR for the device machine")
-    ap.add_argument("--table", action="store_true", help="only print the table of OUT/results.json")
     return ap.parse_args(argv)
 
 
@@ -303,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
+    results = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
     results.setdefault("rows", {})
     if not args.table:
         t0 = time.perf_counter()
@@ -326,6 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
                 shutil.rmtree(args.work, ignore_errors=True)
     text = table(results)
     print(text, flush=True)
+    if args.json:
+        write_json_atomic(Path(args.json), results)
     return results
 
 

@@ -28,11 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from transform_throughput import cpu_name
-
-from blockkey import KeySet
+from blockkey import KeySet, bench
+from blockkey.checkpoint import write_json_atomic
 from blockkey.data import ImageTensors
 from blockkey.export import export_onnx, keyed_input
 from blockkey.models import block_aligned
@@ -108,15 +105,14 @@ def bench_model(name: str, key: KeySet, tmp: Path, args: argparse.Namespace) -> 
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = bench.parser(__doc__)
     ap.add_argument("--models", default="patchnet,resnet18_cifar,vit")
     ap.add_argument(
         "--threads", type=int, default=1, help="threads for both runtimes (default 1: robust on a shared VM)"
     )
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     key = KeySet.generate("shuffle,negpos,ffx", 4)
     with tempfile.TemporaryDirectory() as d:
@@ -126,7 +122,7 @@ def main() -> None:
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
 
     print(
-        f"CPU: {cpu_name()}, {args.threads} threads (load average {load}); torch {torch.__version__}, "
+        f"CPU: {bench.cpu_name()}, {args.threads} threads (load average {load}); torch {torch.__version__}, "
         f"onnxruntime {onnxruntime.__version__}"
     )
     print("32x32 uint8 images, key shuffle+negpos+ffx (M=4), float32; median latency per call (ms)\n")
@@ -141,7 +137,7 @@ def main() -> None:
             f"{r['ort_keyed_input_ms']:.2f} (+ {r['keyed_input_ms']:.2f}) | {r['max_abs_logit_diff']:.1e} |"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json_atomic(Path(args.json), {"machine": bench.machine("cpu"), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -15,27 +15,21 @@ protected / non-protected (target: at most 1.03).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 from torch.utils.benchmark import Timer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from transform_throughput import cpu_name
-
-from blockkey import KeyedTransform, KeySet
+from blockkey import KeyedTransform, KeySet, bench
+from blockkey.checkpoint import write_json_atomic
 from blockkey.data import BatchLoader, ImageTensors, Normalize
 from blockkey.models import create_model
 from blockkey.train import autocast, pick_device
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = bench.parser(__doc__)
     ap.add_argument("--model", default="fastnet")
     ap.add_argument("--recipe", default="shuffle,negpos,ffx")
     ap.add_argument("--block-size", type=int, default=4)
@@ -44,8 +38,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per pipeline per round")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     device = pick_device(args.device)
     g = torch.Generator().manual_seed(0)
@@ -98,9 +91,7 @@ def main() -> None:
             "ratio": med["protected"] / med["non-protected"],
         }
     plan_s = Timer("k(x)", globals={"k": key.to(device), "x": xb}).blocked_autorange(min_run_time=args.min_time).median
-    machine = f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
-    if device.type == "cuda":
-        machine += f" ({torch.cuda.get_device_name()})"
+    machine = bench.machine(device)
     print(f"# {machine}")
     print(f"# {args.model}, batch {args.batch}, {args.size}x{args.size}, key {args.recipe} M={args.block_size}, bf16")
     print(f"{'phase':<12}{'non-protected':>16}{'protected':>14}{'ratio':>9}")
@@ -108,7 +99,7 @@ def main() -> None:
         print(f"{phase:<12}{r['non_protected_ms']:>13.1f} ms{r['protected_ms']:>11.1f} ms{r['ratio']:>9.3f}")
     print(f"{'keyed plan':<12}{'':>16}{1e3 * plan_s:>11.2f} ms   (the transform alone)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "args": vars(args), "results": results}, indent=1))
+        write_json_atomic(Path(args.json), {"machine": machine, "args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

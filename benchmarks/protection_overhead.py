@@ -19,8 +19,6 @@ narrower ResNet-18 (--accuracy-width) on a sample; the timings always use the fu
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -32,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blockkey import KeyedTransform, KeySet
+from blockkey import KeyedTransform, KeySet, bench
 from blockkey.data import Normalize, load_dataset, stratified_split, stratified_subset
 from blockkey.evaluate import evaluate_run
 from blockkey.models import create_model
@@ -203,32 +201,7 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast (off by default: slower on most CPUs)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--data", default="../shared/datasets/cifar10/train")
-    ap.add_argument("--skip-accuracy", action="store_true")
-    ap.add_argument("--accuracy-width", type=float, default=0.25)
-    ap.add_argument("--train-images", type=int, default=5000)
-    ap.add_argument("--val-images", type=int, default=2000)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--wrong", type=int, default=10, help="wrong keys / forged passports")
-    ap.add_argument("--out", default="runs/protection-overhead")
-    ap.add_argument("--memory-child", choices=KINDS, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.memory_child:
-        memory_child(args.memory_child, args.device, args.amp)
-        return
-    device = torch.device(args.device)
-    res: dict = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "amp": args.amp,
-        "args": vars(args),
-    }
+def parameters() -> dict[str, dict[str, int]]:
     params = {}
     for k in KINDS:
         p = make(k, torch.device("cpu"))
@@ -242,16 +215,48 @@ def main() -> None:
             "layers": sum(1 for m in p.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))),
             "secret": secret,
         }
-    res["params"] = params
-    res["timings"] = timings(device, args.rounds, args.amp)
-    res["memory"] = {k: memory(k, device, args.amp) for k in KINDS}
+    return params
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = bench.parser(__doc__, out="runs/protection-overhead", table=False)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast (off by default: slower on most CPUs)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--data", default="../shared/datasets/cifar10/train")
+    ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--accuracy-width", type=float, default=0.25)
+    ap.add_argument("--train-images", type=int, default=5000)
+    ap.add_argument("--val-images", type=int, default=2000)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--wrong", type=int, default=10, help="wrong keys / forged passports")
+    ap.add_argument("--memory-child", choices=KINDS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        memory_child(args.memory_child, args.device, args.amp)
+        return
+    device = torch.device(args.device)
+    # Each part is one entry of OUT/results.json: an interrupted run resumes at the first unfinished part.
+    store = bench.Results(Path(args.out) / "results.json", fresh=args.fresh, device=args.device)
+    parts = {
+        "device": lambda: torch.cuda.get_device_name(device) if device.type == "cuda" else bench.cpu_name(),
+        "threads": torch.get_num_threads,
+        "amp": lambda: args.amp,
+        "args": lambda: vars(args),
+        "params": parameters,
+        "timings": lambda: timings(device, args.rounds, args.amp),
+        "memory": lambda: {k: memory(k, device, args.amp) for k in KINDS},
+    }
     if not args.skip_accuracy:
-        res["accuracy"] = accuracy(args, device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=1))
+        parts["accuracy"] = lambda: accuracy(args, device)
+    for name, make_part in parts.items():
+        if name not in store or name in ("device", "threads", "amp", "args"):
+            store.put(name, make_part())
+    res = store.entries
     print(f"device: {res['device']}, {res['threads']} threads, amp {'bf16' if args.amp else 'off'}")
     print(table(res))
+    store.write_json(args.json)
 
 
 if __name__ == "__main__":

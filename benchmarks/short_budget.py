@@ -13,19 +13,20 @@ derived from a fixed passphrase so every configuration sees the same key.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
+from pathlib import Path
 
-from blockkey import KeySet
+from blockkey import KeySet, bench
+from blockkey.checkpoint import write_json_atomic
 from blockkey.data import load_dataset, stratified_split, stratified_subset
 from blockkey.evaluate import evaluate_run
 from blockkey.models import block_aligned
 from blockkey.train import TrainConfig, fit
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = bench.parser(__doc__)
     ap.add_argument("recipe")
     ap.add_argument("model")
     ap.add_argument("norm", choices=["channel", "position", "none"])
@@ -33,7 +34,7 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/datasets/cifar10/train")
     ap.add_argument("--train-images", type=int, default=10_000)
     ap.add_argument("--model-arg", action="append", default=[], help="extra model argument NAME=INT, e.g. value_dim=4")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     data = load_dataset(args.data)
     train, val = stratified_split(data, 0.1, 0)
@@ -51,6 +52,9 @@ def main() -> None:
     cells = " | ".join(f"{r['setting']}: {r['accuracy']:.1%}" for r in report.rows)
     seconds = time.perf_counter() - start
     print(f"| {args.recipe} | {args.model} | {args.norm} | {args.epochs} | {seconds:.0f} s | {cells} |")
+    if args.json:
+        doc = {"machine": bench.machine("cpu"), "args": vars(args), "seconds": seconds, "eval": report.to_json()}
+        write_json_atomic(Path(args.json), doc)
 
 
 if __name__ == "__main__":

@@ -17,21 +17,15 @@ Timing: torch.utils.benchmark.Timer (synchronises CUDA), the three methods inter
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 from torch.utils.benchmark import Timer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.authors_style
-
-from blockkey import KeyedTransform, KeySet
-from tests.authors_style import authors_chain
+from blockkey import KeyedTransform, KeySet, bench
+from blockkey.authors_style import authors_chain
+from blockkey.checkpoint import write_json_atomic
 
 CONFIGS = [(4, 32, 256), (16, 224, 32)]  # (M, image size, batch)
 RECIPES = ["shuffle", "negpos", "ffx", "shuffle,negpos,ffx"]
@@ -102,31 +96,14 @@ def run(min_time: float, rounds: int, devices: list[str]) -> list[dict]:
     return rows
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = bench.parser(__doc__)
     ap.add_argument("--min-time", type=float, default=2.0, help="seconds per measurement (default 2.0)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement (default 5)")
-    ap.add_argument("--json", help="also write the rows and the machine to this JSON file")
     ap.add_argument("--cpu-only", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
-    machine = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": cpu_name(),
-        "threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if "cuda" in devices else None,
-    }
+    machine = bench.machine(devices[-1])
     print(f"# {machine}")
     print(
         f"{'dev':<5} {'config':<20}{'recipe':<20}{'blockkey':>12}{'authors':>12}{'floor':>12}"
@@ -135,7 +112,7 @@ def main() -> None:
     print(f"{'':<46}{'(images/s)':>12}{'(images/s)':>12}{'(images/s)':>12}{'':>10}{'(time)':>10}")
     rows = run(args.min_time, args.rounds, devices)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+        write_json_atomic(Path(args.json), {"machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":

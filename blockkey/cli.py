@@ -448,6 +448,7 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 
 def cmd_attack(args: argparse.Namespace) -> int:
     from .attacks import Target
+    from .attacks.registry import AttackData, settings_from_args
     from .checkpoint import load_model
     from .data import ImageFolderStream, stratified_subset
     from .runtime import pick_device
@@ -472,60 +473,14 @@ def cmd_attack(args: argparse.Namespace) -> int:
         val = stratified_subset(val, args.sample, seed=12345)
     device = pick_device(None if args.device == "auto" else args.device)
     target = Target(model.to(device), meta, key, val, device)
-    if args.attack == "known-plaintext":
-        from .attacks.known_plaintext import known_plaintext_attack
-
-        report = known_plaintext_attack(target, args.pairs, seed=args.seed)
-    elif args.attack == "random-keys":
-        from .attacks.key_search import random_keys_attack
-
-        report = random_keys_attack(target, train, args.keys, args.batch, seed=args.seed)
-    elif args.attack == "key-search":
-        from .attacks.key_search import key_search_attack
-
-        report = key_search_attack(
-            target, train, random_keys=args.keys, iterations=args.iterations, batch=args.batch, seed=args.seed
-        )
-    elif args.attack == "ciphertext-only":
-        from .attacks.ciphertext_only import ciphertext_only_attack
-
-        report = ciphertext_only_attack(target, train, args.images, seed=args.seed)
-    elif args.attack == "inner-align":
-        from .attacks.inner_align import inner_align_attack
-
-        report = inner_align_attack(target, train, args.images, seconds_per_point=args.seconds_per_point)
-    elif args.attack == "fine-tune":
-        from .attacks.finetune import finetune_attack
-
-        if not args.output:
-            raise BlockkeyError("fine-tune writes one run per variant: give -o OUTDIR")
-        report = finetune_attack(
-            target, args.model, train, args.fractions, args.output, epochs=args.epochs, seed=args.seed
-        )
-    elif args.attack == "weights-only":
-        from .attacks.weights_only import weights_only_attack
-
-        ref, ref_meta = load_model(args.reference) if args.reference else (None, {})
-        if ref_meta.get("key") is not None:
-            raise BlockkeyError(f"--reference {args.reference} is protected; the reference must be a plain model")
-        report = weights_only_attack(target, train, reference_model=ref, reference_name=f"plain model {args.reference}")
-    else:
-        from .attacks.adapter import adapter_attack
-
-        report = adapter_attack(target, train, args.fractions, epochs=args.epochs, seed=args.seed)
+    spec = args.attack_spec  # set by the attack's subparser (blockkey.attacks.registry)
     if args.plot:
         check_output_suffix(args.plot)
-        x = {
-            "known-plaintext": "pairs",
-            "ciphertext-only": "images",
-            "inner-align": "images",
-            "adapter": "data_fraction",
-            "fine-tune": "data_fraction",
-            "key-search": "iterations",
-        }.get(args.attack)
-        if x is None:
-            raise BlockkeyError(f"--plot: {args.attack} has one row; nothing to plot")
-        report.plot(args.plot, x)
+        if spec.x_axis is None:
+            raise BlockkeyError(f"--plot: {spec.name} has one row; nothing to plot")
+    report = spec.run(target, AttackData(train, run_dir=Path(args.model)), settings_from_args(spec, args))
+    if args.plot:
+        report.plot(args.plot, spec.x_axis)
     _emit(args, report.to_json(), report.to_markdown() + (f"\n\nplot: {args.plot}" if args.plot else ""))
     return 0
 
@@ -960,69 +915,31 @@ def _add_evaluate(sub: Any) -> None:
 
 
 def _add_attack(sub: Any) -> None:
-    sp = _command(sub, "attack", "attack a protected model without its key (the key only scores the result)")
-    sp.add_argument(
-        "attack",
-        choices=[
-            "random-keys",
-            "key-search",
-            "known-plaintext",
-            "ciphertext-only",
-            "fine-tune",
-            "adapter",
-            "inner-align",
-            "weights-only",
-        ],
-        help="attack to run",
+    sp = _command(
+        sub, "attack", "attack a protected model without its key (the key only scores the result)", json_flag=False
     )
-    sp.add_argument(
+    sp.set_defaults(func=cmd_attack)
+    common = argparse.ArgumentParser(add_help=False, formatter_class=at.RangeHelpFormatter)
+    common.add_argument(
         "--model", type=at.path_name, required=True, metavar="RUN_DIR", help="the stolen model's run directory"
     )
-    sp.add_argument(
+    common.add_argument(
         "--key",
         type=at.existing_file,
         required=True,
         help="the model's true key (to score recovery and the key holder)",
     )
-    sp.add_argument(
+    common.add_argument(
         "--data", type=at.data_source, help="the run's data source (default: as recorded); its split is recomputed"
     )
-    sp.add_argument("--data-root", type=at.output_path, help="where torchvision datasets live / are downloaded")
-    sp.add_argument("--pairs", type=at.COUNT, nargs="+", default=[1, 2, 4], help="known-plaintext: pairs per try")
-    sp.add_argument(
-        "--fractions", type=at.FRACTION, nargs="+", default=[0.01, 0.05, 0.1], help="adapter: labelled data fractions"
-    )
-    sp.add_argument(
-        "--images",
-        type=at.COUNT,
-        nargs="+",
-        default=[100, 1000],
-        help="ciphertext-only: transformed images seen; inner-align: labelled plain images used",
-    )
-    sp.add_argument(
-        "--epochs", type=at.EPOCHS, default=30, help="adapter, fine-tune: training epochs (default %(default)s)"
-    )
-    sp.add_argument("-o", "--output", type=at.output_path, help="fine-tune: folder for the attacker's runs")
-    sp.add_argument(
-        "--reference",
-        type=at.path_name,
-        metavar="RUN_DIR",
-        help="weights-only: a plain model the attacker trained (same patch size)",
-    )
-    sp.add_argument("--keys", type=at.COUNT, default=100, help="random-keys, key-search: random keys to draw")
-    sp.add_argument("--iterations", type=at.COUNT, default=2000, help="key-search: hill-climbing moves")
-    sp.add_argument("--batch", type=at.COUNT, default=256, help="random-keys, key-search: labelled images to score on")
-    sp.add_argument(
-        "--seconds-per-point",
-        type=at.SECONDS,
-        default=60.0,
-        help="inner-align: local-search time per keyed point (default %(default)s)",
-    )
-    sp.add_argument("--sample", type=at.COUNT, help="evaluate on a stratified sample of N validation images")
-    sp.add_argument("--seed", type=at.SEED, default=0, help="the attacker's random draws (default %(default)s)")
-    sp.add_argument("--plot", type=at.output_path, help="write a PNG plot of attacker accuracy here")
-    sp.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
-    sp.set_defaults(func=cmd_attack)
+    common.add_argument("--data-root", type=at.output_path, help="where torchvision datasets live / are downloaded")
+    common.add_argument("--sample", type=at.COUNT, help="evaluate on a stratified sample of N validation images")
+    common.add_argument("--plot", type=at.output_path, help="write a PNG plot of attacker accuracy here")
+    common.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    common.add_argument("--json", action="store_true", help="print a JSON report instead of text")
+    from .attacks.registry import add_attack_parsers
+
+    add_attack_parsers(sp.add_subparsers(dest="attack", required=True, metavar="ATTACK"), parents=[common])
 
 
 def _add_convert(sub: Any) -> None:

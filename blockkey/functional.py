@@ -34,7 +34,10 @@ import torch
 from torch import Tensor
 
 from .errors import KeyMismatchError, ShapeError
-from .keys import FFX, KeySet, NegPos, Shuffle, ffx_table
+from .keys import FFX, KeySet, NegPos, Shuffle
+from .steps import BlockFold
+from .steps._base import PIXEL_MAX
+from .steps.ffx import FFX_MAX
 
 __all__ = [
     "COMPAT_MODES",
@@ -55,8 +58,6 @@ __all__ = [
     "to_blocks",
 ]
 
-PIXEL_MAX = 255
-FFX_MAX = 999
 #: ``"exact"``: blockkey's invertible arithmetic (default). ``"authors"``: the float32 arithmetic of the
 #: authors' keydefense.py (truncation before each FFX step, division by ``max(E(0..255))``); not invertible.
 COMPAT_MODES = ("exact", "authors")
@@ -172,21 +173,7 @@ def _authors_values(key: KeySet) -> tuple[Tensor, Tensor]:
     values = (torch.arange(256, dtype=torch.uint8).float() / PIXEL_MAX).repeat(length, 1)
     domain = torch.full((length,), PIXEL_MAX)
     for step in key.steps:
-        if isinstance(step, Shuffle):
-            perm = torch.tensor(step.perm)
-            values, domain = values[perm], domain[perm]
-        elif isinstance(step, NegPos):
-            m = torch.tensor(step.mask, dtype=torch.bool)
-            values = torch.where(m[:, None], 1 - values, values)
-        elif isinstance(step, FFX):
-            m = torch.tensor(step.mask, dtype=torch.bool)
-            table = torch.tensor(ffx_table(step.password)[:256])  # their lookup: E on 0..255 only
-            q = (torch.clamp(values, 0, 1) * PIXEL_MAX).long()
-            q = torch.where(m[:, None], table[q], q)
-            values = q.float() / table.max()
-            domain = torch.full((length,), int(table.max()))
-        else:  # pragma: no cover - KeySet validates its steps
-            raise TypeError(f"unknown step {step!r}")
+        values, domain = step.fold_authors(values, domain)
     return values, domain
 
 
@@ -198,23 +185,10 @@ def compile_block_plan(key: KeySet, compat: str = "exact") -> BlockPlan:
     """
     _check_compat(compat)
     length = key.block_len
-    src = torch.arange(length)
-    codes = torch.arange(256).repeat(length, 1)
-    domain = torch.full((length,), PIXEL_MAX)
+    block = BlockFold(torch.arange(length), torch.arange(256).repeat(length, 1), torch.full((length,), PIXEL_MAX))
     for step in key.steps:
-        if isinstance(step, Shuffle):
-            perm = torch.tensor(step.perm)
-            src, codes, domain = src[perm], codes[perm], domain[perm]
-        elif isinstance(step, NegPos):
-            m = torch.tensor(step.mask, dtype=torch.bool)
-            codes = torch.where(m[:, None], domain[:, None] - codes, codes)
-        elif isinstance(step, FFX):
-            m = torch.tensor(step.mask, dtype=torch.bool)
-            table = torch.tensor(ffx_table(step.password))
-            codes = torch.where(m[:, None], table[codes], codes)
-            domain = torch.where(m, FFX_MAX, domain)
-        else:  # pragma: no cover - KeySet validates its steps
-            raise TypeError(f"unknown step {step!r}")
+        block = step.fold(block)
+    src, codes, domain = block.src, block.codes, block.domain
     if compat == "authors":
         values, domain = _authors_values(key)
         codes = torch.round(values.double() * domain[:, None]).long()
@@ -276,6 +250,14 @@ class Plan:
         return f"Plan(shape={self.shape}, tables={tables}, has_ffx={ffx}, device={self.device})"
 
 
+def _signed_identity(codes: Tensor, domain: Tensor) -> bool:
+    """True when every table row is the identity or ``255 - v`` on pixels (shuffle/negpos keys, whatever the
+    steps' names): then the plan has the differentiable float form ``x * sign + flip``."""
+    ident = torch.arange(256)
+    rows_ok = (codes == ident).all(1) | (codes == PIXEL_MAX - ident).all(1)
+    return bool((domain == PIXEL_MAX).all() and rows_ok.all())
+
+
 def compile_plan(
     key: KeySet | BlockPlan, size: Sequence[int], device: torch.device | str | None = None, compat: str = "exact"
 ) -> Plan:
@@ -324,8 +306,8 @@ def compile_plan(
     inv_codes.scatter_(1, codes_t, torch.arange(256).expand_as(codes_t))
 
     xor_in = sign_in = flip_in = None
-    if not bp.has_ffx:
-        flipped = (codes_t[:, 0] == PIXEL_MAX)[cls_in]  # class is identity or 255 - v
+    if _signed_identity(codes_t, dom_t):  # every table is v or 255 - v: a linear (affine) key
+        flipped = (codes_t[:, 0] == PIXEL_MAX)[cls_in]
         # authors' floats: 1 - v/255 is not always (255 - v)/255 in float32, so uint8 input uses the table
         xor_in = None if bp.values is not None else (flipped.to(torch.uint8) * PIXEL_MAX).to(torch.uint8)
         sign_in = 1.0 - 2.0 * flipped.to(torch.float32)

@@ -1,8 +1,9 @@
 """Key sets: generation from OS entropy or a KDF, the JSON key file, fingerprints, key space.
 
 A :class:`KeySet` holds the block size ``M``, the channel count ``C`` and an ordered tuple of
-steps (:class:`Shuffle`, :class:`NegPos`, :class:`FFX`). Every step acts on block vectors of
-length ``L = M*M*C`` flattened in (row, col, channel) order, channel fastest.
+steps (:class:`Shuffle`, :class:`NegPos`, :class:`FFX`, or any step registered in :mod:`blockkey.steps`).
+Every step acts on block vectors of length ``L = M*M*C`` flattened in (row, col, channel) order,
+channel fastest.
 
 Secret randomness lives only in this module: :meth:`KeySet.generate` draws from the operating
 system (:mod:`secrets`), :meth:`KeySet.derive` from scrypt. The global RNGs of ``random``, NumPy
@@ -13,18 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import secrets
-import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from .errors import KeyFileError
 from .fileio import write_json
+from .steps import ALIASES, FFX, STEP_TYPES, TOKENS, KeyStep, NegPos, Random, Shuffle, ffx_table, password_bits
+from .steps._base import random_perm
 
 __all__ = [
     "FFX",
@@ -41,6 +41,7 @@ __all__ = [
     "Shuffle",
     "ffx_table",
     "parse_recipe",
+    "password_bits",
 ]
 
 KEY_FORMAT = "blockkey.keyset"
@@ -54,8 +55,6 @@ LAYOUT = "row,col,channel"
 MAX_BLOCK_LEN = 65536
 #: scrypt cost parameters for :meth:`KeySet.derive` (about 32 MiB and 0.1 s per derivation).
 SCRYPT_PARAMS = {"n": 2**15, "r": 8, "p": 1}
-_PASSWORD_ALPHABET = string.digits + string.ascii_lowercase
-_GENERATED_PASSWORD_CHARS = 25  # 25 base-36 characters: 129.2 bits, exactly what password_bits() credits
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,89 +62,12 @@ _GENERATED_PASSWORD_CHARS = 25  # 25 base-36 characters: 129.2 bits, exactly wha
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, repr=False)
-class Shuffle:
-    """Pixel shuffling inside each block: ``out[k] = in[perm[k]]``."""
-
-    perm: tuple[int, ...]
-    name = "shuffle"
-
-    def __repr__(self) -> str:
-        return f"Shuffle(L={len(self.perm)})"  # never the permutation: reprs end up in logs
-
-    def validate(self, length: int) -> None:
-        if len(self.perm) != length or sorted(self.perm) != list(range(length)):
-            # Never echo the values: error messages end up in terminals and logs.
-            raise KeyFileError(
-                f"shuffle: perm must be a permutation of 0..{length - 1}; got {len(self.perm)} values, "
-                f"{len(set(self.perm))} distinct"
-            )
-
-    def key_bits(self) -> float:
-        return math.lgamma(len(self.perm) + 1) / math.log(2)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"type": self.name, "perm": list(self.perm)}
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class NegPos:
-    """Negative/positive flip: ``out[k] = 255 - in[k]`` where ``mask[k] == 1`` (``1 - x`` on floats)."""
-
-    mask: tuple[int, ...]
-    name = "negpos"
-
-    def __repr__(self) -> str:
-        return f"NegPos(L={len(self.mask)})"
-
-    def validate(self, length: int) -> None:
-        _check_mask("negpos", self.mask, length)
-
-    def key_bits(self) -> float:
-        return float(len(self.mask))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"type": self.name, "mask": list(self.mask)}
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class FFX:
-    """FFX format-preserving encryption of the values where ``mask[k] == 1``.
-
-    ``E = pyffx.Integer(password, length=3)`` is a bijection on 0..999, so the step maps pixel values
-    (0..255) to codes 0..999, exactly as the authors' code does. The paper draws the mask at
-    random; the recipe step ``ffx-all`` encrypts every position (no value is left in the clear).
-    """
-
-    mask: tuple[int, ...]
-    password: str
-    name = "ffx"
-
-    def __repr__(self) -> str:
-        return f"FFX(L={len(self.mask)}, password=<hidden>)"
-
-    def validate(self, length: int) -> None:
-        _check_mask("ffx", self.mask, length)
-        if not isinstance(self.password, str) or not self.password:
-            raise KeyFileError("ffx: password must be a non-empty string")
-        try:
-            self.password.encode("utf-8")
-        except UnicodeEncodeError:
-            raise KeyFileError("ffx: password is not valid Unicode text") from None
-
-    def key_bits(self) -> float:
-        mask_bits = 0.0 if all(self.mask) else float(len(self.mask))  # ffx-all: the mask is public
-        return mask_bits + password_bits(self.password)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"type": self.name, "mask": list(self.mask), "password": self.password}
-
-
-Step = Shuffle | NegPos | FFX
-STEP_NAMES = ("shuffle", "negpos", "ffx")
-#: Recipe tokens: the steps, ``ffx-all`` (an FFX step on every position) and ``inner`` (not a block step:
-#: it keys the feature maps inside a model, :mod:`blockkey.inner`).
-RECIPE_TOKENS = (*STEP_NAMES, "ffx-all", "inner")
+Step = KeyStep
+#: Key-file step types, in registration order (:mod:`blockkey.steps`).
+STEP_NAMES = tuple(STEP_TYPES)
+#: Recipe tokens: the registered step tokens (``ffx-all`` is an FFX step on every position) and ``inner``
+#: (not a block step: it keys the feature maps inside a model, :mod:`blockkey.inner`).
+RECIPE_TOKENS = (*TOKENS, "inner")
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -174,7 +96,7 @@ class InnerKey:
         """The permutation and sign bits (1 = flip) of keyed point ``name`` with ``channels`` channels."""
         label = json.dumps(["inner-point", name, channels]).encode()
         rng = _KDFStream(hashlib.sha256(self.secret + b"|" + label).digest())
-        perm = _random_perm(rng, channels)
+        perm = random_perm(rng, channels)
         bits = int.from_bytes(rng.token((channels + 7) // 8), "big")
         flips = tuple((bits >> i) & 1 for i in range(channels)) if signs else (0,) * channels
         return perm, flips
@@ -195,45 +117,9 @@ class InnerKey:
         return key
 
 
-def _check_mask(name: str, mask: Sequence[int], length: int) -> None:
-    if len(mask) != length or any(b not in (0, 1) or isinstance(b, bool) for b in mask):
-        bad = sum(1 for b in mask if b not in (0, 1) or isinstance(b, bool))
-        raise KeyFileError(f"{name}: mask must be {length} values, each 0 or 1; got {len(mask)} values, {bad} invalid")
-
-
-def password_bits(password: str) -> float:
-    """Upper bound on a password's entropy: length x log2(size of the character classes it uses).
-
-    Generated passwords are 25 uniformly random base-36 characters, for which the bound is exact
-    (129.2 bits). Only the string is looked at: nothing outside the key material is trusted.
-    """
-    classes = [string.ascii_lowercase, string.ascii_uppercase, string.digits]
-    size = sum(len(c) for c in classes if any(ch in c for ch in password))
-    if any(not any(ch in c for c in classes) for ch in password):
-        size += 33  # printable punctuation and space
-    return len(password) * math.log2(max(size, 2))
-
-
-@lru_cache(maxsize=64)
-def ffx_table(password: str) -> tuple[int, ...]:
-    """The 1000-entry FFX codebook ``E(v)`` for ``v`` in 0..999 (a permutation of 0..999).
-
-    ``pyffx.Integer(password.encode(), length=3)``, as in the authors' code. Cached per password.
-    """
-    import pyffx  # imported here: the kernels stay pure torch
-
-    cipher = pyffx.Integer(password.encode("utf-8"), length=3)
-    return tuple(int(cipher.encrypt(v)) for v in range(1000))
-
-
 # --------------------------------------------------------------------------------------------
 # Randomness: OS entropy or a deterministic KDF stream
 # --------------------------------------------------------------------------------------------
-
-
-class _Random(Protocol):
-    def randbelow(self, n: int) -> int: ...
-    def token(self, nbytes: int) -> bytes: ...
 
 
 class _OSRandom:
@@ -267,40 +153,14 @@ class _KDFStream:
                 return r % n
 
 
-def _random_perm(rng: _Random, length: int) -> tuple[int, ...]:
-    perm = list(range(length))
-    for i in range(length - 1, 0, -1):  # Fisher-Yates
-        j = rng.randbelow(i + 1)
-        perm[i], perm[j] = perm[j], perm[i]
-    return tuple(perm)
+def _random_step(name: str, rng: Random, length: int) -> Step:
+    token = TOKENS.get(name)
+    if token is None:
+        raise KeyFileError(f"unknown transform {name!r}; expected one of {', '.join(STEP_NAMES)}")
+    return token.draw(rng, length)
 
 
-def _random_mask(rng: _Random, length: int) -> tuple[int, ...]:
-    """Independent uniform bits, redrawn if all zero (a step that does nothing is no key)."""
-    while True:
-        bits = int.from_bytes(rng.token((length + 7) // 8), "big")
-        mask = tuple((bits >> i) & 1 for i in range(length))
-        if any(mask):
-            return mask
-
-
-def _random_password(rng: _Random) -> str:
-    return "".join(_PASSWORD_ALPHABET[rng.randbelow(len(_PASSWORD_ALPHABET))] for _ in range(_GENERATED_PASSWORD_CHARS))
-
-
-def _random_step(name: str, rng: _Random, length: int) -> Step:
-    if name == "shuffle":
-        return Shuffle(_random_perm(rng, length))
-    if name == "negpos":
-        return NegPos(_random_mask(rng, length))
-    if name == "ffx":
-        return FFX(_random_mask(rng, length), _random_password(rng))
-    if name == "ffx-all":
-        return FFX((1,) * length, _random_password(rng))
-    raise KeyFileError(f"unknown transform {name!r}; expected one of {', '.join(STEP_NAMES)}")
-
-
-def _draw(names: tuple[str, ...], rng: _Random, length: int) -> tuple[tuple[Step, ...], InnerKey | None]:
+def _draw(names: tuple[str, ...], rng: Random, length: int) -> tuple[tuple[Step, ...], InnerKey | None]:
     """The block steps of ``names`` in order, and the inner key if ``inner`` is among them."""
     steps = tuple(_random_step(n, rng, length) for n in names if n != "inner")
     return steps, (InnerKey(rng.token(INNER_SECRET_BYTES)) if "inner" in names else None)
@@ -311,9 +171,8 @@ def parse_recipe(recipe: str | Iterable[str]) -> tuple[str, ...]:
 
     ``np`` is accepted for ``negpos`` and ``shf`` for ``shuffle``; ``ffx-all`` is FFX on every position.
     """
-    aliases = {"np": "negpos", "shf": "shuffle", "neg": "negpos"}
     parts = recipe.replace("+", ",").split(",") if isinstance(recipe, str) else list(recipe)
-    names = tuple(aliases.get(p.strip().lower(), p.strip().lower()) for p in parts if p.strip())
+    names = tuple(ALIASES.get(p.strip().lower(), p.strip().lower()) for p in parts if p.strip())
     if not names:
         raise KeyFileError("a key set needs at least one transform (shuffle, negpos, ffx)")
     if names.count("inner") > 1:
@@ -361,7 +220,7 @@ class KeySet:
                 raise KeyFileError(f"unknown inner key {self.inner!r}")
             self.inner.validate()
         for step in self.steps:
-            if not isinstance(step, (Shuffle, NegPos, FFX)):
+            if not isinstance(step, KeyStep):
                 raise KeyFileError(f"unknown step {step!r}")
             step.validate(self.block_len)
 
@@ -434,7 +293,7 @@ class KeySet:
     def spec(self) -> tuple[str, ...]:
         """The recipe tokens that draw keys like this one: :attr:`recipe` with ``ffx-all`` for an FFX
         step on every position (what an attacker who knows the algorithm draws candidates from)."""
-        tokens = tuple("ffx-all" if isinstance(s, FFX) and all(s.mask) else s.name for s in self.steps)
+        tokens = tuple(s.token() for s in self.steps)
         return (*tokens, "inner") if self.inner is not None else tokens
 
     @property
@@ -572,27 +431,15 @@ def _block_len(block_size: int, channels: int) -> int:
     return length
 
 
-def _int_list(where: str, name: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise KeyFileError(f"{where}: '{name}' must be a list of integers")
-    return tuple(value)
-
-
 def _step_from_json(i: int, doc: Any) -> Step:
     where = f"step {i}"
     if not isinstance(doc, dict):
         raise KeyFileError(f"{where}: expected an object with a 'type'")
     kind = doc.get("type")
-    if kind == "shuffle":
-        return Shuffle(_int_list(where, "perm", doc.get("perm")))
-    if kind == "negpos":
-        return NegPos(_int_list(where, "mask", doc.get("mask")))
-    if kind == "ffx":
-        password = doc.get("password")
-        if not isinstance(password, str):
-            raise KeyFileError(f"{where}: ffx needs a 'password' string")
-        return FFX(_int_list(where, "mask", doc.get("mask")), password)
-    raise KeyFileError(f"{where}: unknown type {kind!r}; expected one of {', '.join(STEP_NAMES)}")
+    cls = STEP_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise KeyFileError(f"{where}: unknown type {kind!r}; expected one of {', '.join(STEP_NAMES)}")
+    return cls.from_json(where, doc)
 
 
 def _canonical(key: KeySet) -> bytes:

@@ -42,10 +42,11 @@ from .checkpoint import CheckpointError, RunMeta, load_model, save_run
 from .data import Normalize
 from .errors import BlockkeyError, KeyMismatchError
 from .functional import PIXEL_MAX, compile_block_plan, from_blocks, to_blocks
-from .keys import KeySet
+from .keys import FFX, KeySet
 from .meta import KeyInfo
 from .models import patch_embedding
 from .runtime import normalise
+from .steps import KeyStep
 from .transforms import KeyedTransform
 
 __all__ = [
@@ -55,15 +56,22 @@ __all__ = [
     "block_affine",
     "convert_run",
     "logit_error",
+    "nonlinear_refusal",
     "rekey_model",
     "rekey_run",
 ]
 
-FFX_REFUSAL = (
-    "a key with an ffx step cannot be folded into a model: FFX maps each pixel value through a keyed "
-    "non-linear table (a bijection of 0..255 into 0..999), while the patch embedding is linear in the "
-    "pixel values, so no weights reproduce it; train with that key instead (blockkey train --key)"
-)
+
+def nonlinear_refusal(step: type[KeyStep]) -> str:
+    """Why a key with ``step`` (a class whose ``linear`` is False) cannot be folded into a first layer."""
+    return (
+        f"a key with a{'n' if step.name[0] in 'aeioufx' else ''} {step.name} step cannot be folded into a "
+        f"model: {step.nonlinear_reason}, while the patch embedding is linear in the pixel values, so no weights "
+        "reproduce it; train with that key instead (blockkey train --key)"
+    )
+
+
+FFX_REFUSAL = nonlinear_refusal(FFX)
 EXACT_TOLERANCE = 1e-6  # float64 relative logit error above which a conversion is refused
 
 
@@ -81,9 +89,11 @@ class BlockAffine:
 
 
 def block_affine(key: KeySet) -> BlockAffine:
-    """The block map of ``key`` (any order and number of shuffle and negpos steps); FFX is refused."""
-    if "ffx" in key.recipe:
-        raise RekeyError(FFX_REFUSAL)
+    """The block map of ``key`` (any order and number of linear steps: shuffle, negpos); FFX and every
+    other step whose class is not ``linear`` is refused."""
+    nonlinear = [type(s) for s in key.steps if not s.linear]  # each step class declares it (blockkey.steps)
+    if nonlinear:
+        raise RekeyError(nonlinear_refusal(nonlinear[0]))
     if key.inner is not None:
         raise RekeyError(
             "a key with an inner part keys the feature maps inside the network: convert and rekey fold "

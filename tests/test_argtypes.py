@@ -18,7 +18,7 @@ from blockkey.errors import KeyFileError, OptionError, ShapeError
 from blockkey.keys import MAX_BLOCK_LEN
 from blockkey.train import TrainConfig, fit
 
-from .test_training import colour_data
+from .helpers import colour_data
 
 
 @pytest.mark.parametrize(

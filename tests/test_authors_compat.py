@@ -13,13 +13,12 @@ import torch
 
 from blockkey import FFX, KeyedTransform, KeySet, NegPos
 from blockkey import functional as F
+from blockkey.authors_style import authors_chain
 from blockkey.cli import main
 from blockkey.imageio import read_codes, read_image
 from blockkey.keys import ffx_table
 
-from .authors_style import authors_chain
-from .helpers import DEVICES, images, rand_key
-from .test_functional import RECIPES, steps_json
+from .helpers import DEVICES, RECIPES, images, rand_key, steps_json
 
 #: Pixel values v whose negpos flip, computed as the authors do in float32, truncates to 254 - v.
 TRUNCATED = sorted(set(range(65, 128, 2)) | set(range(128, 255)))

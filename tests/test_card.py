@@ -12,7 +12,7 @@ from blockkey.card import model_card
 from blockkey.checkpoint import read_meta
 from blockkey.cli import main
 
-from .test_training import colour_data, write_folder
+from .helpers import colour_data, write_folder
 
 
 def key_material(key: KeySet) -> list[str]:
@@ -54,6 +54,7 @@ def trained(tmp_path_factory):
     return t, key
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_train_writes_a_card_matching_its_meta(trained, capsys):
     t, key = trained
     meta = read_meta(t / "run")
@@ -76,6 +77,7 @@ def test_train_writes_a_card_matching_its_meta(trained, capsys):
     assert card == model_card(meta, "run", re.search(r"\| parameters \| ([\d,]+) \|", card).group(1))
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_non_protected_card(trained):
     t, _ = trained
     card = (t / "plain" / "README.md").read_text()
@@ -84,6 +86,7 @@ def test_non_protected_card(trained):
     assert "--key" not in card.split("## How to use", 1)[1]
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_convert_and_rekey_cards(trained, capsys):
     t, _ = trained
     assert main(["convert", "--model", str(t / "plain"), "--key", str(t / "sn.json"), "-o", str(t / "conv")]) == 0

@@ -7,11 +7,15 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from blockkey import FFX, KeySet
 from blockkey.cli import main
-from blockkey.imageio import read_codes
+from blockkey.imageio import read_codes, sample_image
+from blockkey.transforms import KeyedTransform
+
+from .helpers import grid_panels
 
 
 def write_rgb(path, h=32, w=32, mode="RGB", seed=0):
@@ -152,14 +156,20 @@ class TestEncryptDecrypt:
 def test_show_and_tour(tmp_path, key_path, capsys):
     src = write_rgb(tmp_path / "a.png")
     assert run(capsys, "show", "--key", key_path, src, "-o", tmp_path / "grid.png")[0] == 0
-    with Image.open(tmp_path / "grid.png") as im:
-        assert im.width > 5 * 32  # original, 3 steps, decrypted
+    with Image.open(src) as im:
+        x = torch.from_numpy(np.array(im)).permute(2, 0, 1)
+    panels = grid_panels(tmp_path / "grid.png", 32, 32, 5)  # original, 3 steps, decrypted
+    encrypted = (KeyedTransform(KeySet.load(key_path))(x[None])[0] * 255).round().to(torch.uint8)
+    assert torch.equal(panels[0], x) and torch.equal(panels[3], encrypted) and torch.equal(panels[4], x)
     code, out, _ = run(capsys, "tour", "-o", tmp_path / "tour", "--json")
     rep = json.loads(out)
     assert code == 0 and rep["roundtrip_exact"] is True
-    assert (tmp_path / "tour" / "steps.png").exists()
+    steps = len(rep["key"]["recipe"])
+    tour = grid_panels(tmp_path / "tour" / "steps.png", 128, 128, steps + 2)
+    assert torch.equal(tour[0], sample_image()) and torch.equal(tour[-1], sample_image())
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_help_and_module_entry_point():
     for cmd in ["--help", "keygen --help", "encrypt --help", "show --help", "tour --help"]:
         r = subprocess.run([sys.executable, "-m", "blockkey", *cmd.split()], capture_output=True, text=True)
@@ -232,6 +242,7 @@ class TestReviewRegressions:
         assert code == 2 and "block size dividing 32" in err and not (tmp_path / "t64").exists()
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_demo_quick(tmp_path, capsys):
     """The README's main job, shrunk: trains both models, evaluates, never touches a real key."""
     out = tmp_path / "demo"

@@ -23,8 +23,11 @@ def test_readme_python_tour_runs(tmp_path, monkeypatch):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, "README.md", "exec"), {})
-    assert (tmp_path / "key.json").exists()
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    saved = KeySet.load(tmp_path / "key.json")  # the file the tour wrote holds the tour's key, mode 0600
+    assert saved == scope["key"] and saved.recipe == ("shuffle", "negpos", "ffx") and saved.block_size == 4
+    assert (tmp_path / "key.json").stat().st_mode & 0o777 == 0o600
 
 
 def test_reliability_doc_lists_every_numeric_option_with_its_range():

@@ -10,17 +10,11 @@ from hypothesis import strategies as st
 
 from blockkey import KeyMismatchError, ShapeError
 from blockkey import functional as F
+from blockkey.authors_style import authors_chain
 from blockkey.keys import ffx_table
 
-from .authors_style import authors_chain
-from .helpers import DEVICES, images, rand_key
+from .helpers import DEVICES, RECIPES, images, rand_key, steps_json
 from .reference import reference_encrypt
-
-RECIPES = ["shuffle", "negpos", "ffx", "shuffle,negpos,ffx", "ffx,negpos", "negpos,ffx,shuffle,ffx", "negpos,negpos"]
-
-
-def steps_json(key):
-    return [s.to_json() for s in key.steps]
 
 
 class TestBlocks:

@@ -30,11 +30,10 @@ from blockkey.imageio import write_png
 from blockkey.train import TrainConfig, fit
 from blockkey.transforms import KeyedTransform
 
-from .helpers import rand_key
-from .test_training import colour_data, write_folder
+from .helpers import colour_data, rand_key, write_folder
 
-EXAMPLES = {"cheap": 40, "train": 25, "slow": 6}  # per command; see docs/reliability.md
-COST = {"demo": "slow", "tour": "slow", "train": "train", "evaluate": "train", "attack": "train"}
+EXAMPLES = {"cheap": 40, "train": 25, "slow": 6, "attack": 4}  # per command (each attack); see docs/reliability.md
+COST = {"demo": "slow", "tour": "slow", "train": "train", "evaluate": "train", "attack": "attack"}
 # Options drawn on every example of a command because their defaults are long runs (demo: 8,000 images).
 ALWAYS = {
     "demo": {"--epochs", "--limit"},
@@ -46,7 +45,7 @@ GOOD = {"--limit": "300", "--batch-size": "8", "--batch": "8", "--sample": "6", 
 GOOD |= {"--fractions": "1.0", "--stream": "16", "--wrong-keys": "1"}
 OUT = "@OUT@/"  # replaced by a fresh folder for each example
 KEEP = "@KEEP@"  # an existing input given as an output: --force is then left out (it may replace it)
-ERROR_LINE = re.compile(r"^blockkey( [a-z-]+)?: error: \S")
+ERROR_LINE = re.compile(r"^blockkey( [a-z-]+){0,2}: error: \S")  # blockkey attack NAME: error: ...
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -165,7 +164,7 @@ def _values(action: argparse.Action, pool: dict[str, list[str]]) -> st.SearchStr
 @st.composite
 def argv_for(draw, command: str, sub: argparse.ArgumentParser, pool: dict[str, list[str]]) -> list[str]:
     """Positionals in order; required options (and one of each required group) 9 times in 10, others 1 in 3."""
-    args: list[str] = [command]
+    args: list[str] = command.split()  # "attack adapter": a command of a command
     opts: list[list[str]] = []
     groups = [g._group_actions for g in sub._mutually_exclusive_groups if g.required]
     chosen = {id(draw(st.sampled_from(g))) for g in groups}
@@ -174,7 +173,7 @@ def argv_for(draw, command: str, sub: argparse.ArgumentParser, pool: dict[str, l
         if isinstance(action, argparse._HelpAction):
             continue
         flag = action.option_strings[-1] if action.option_strings else None
-        wanted = action.required or flag in ALWAYS.get(command, ()) or id(action) in chosen
+        wanted = action.required or flag in ALWAYS.get(command.split()[0], ()) or id(action) in chosen
         odds = [True] * 9 + [False] if wanted else [True] + [False] * (9 if id(action) in others else 2)
         if flag is not None and not draw(st.sampled_from(odds)):
             continue
@@ -192,8 +191,13 @@ def argv_for(draw, command: str, sub: argparse.ArgumentParser, pool: dict[str, l
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command, and every attack as its own command (``attack NAME``: each has its own options)."""
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(sub.choices)
+    out = {}
+    for name, parser in sub.choices.items():
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        out.update({f"{name} {n}": p for n, p in nested[0].choices.items()} if nested else {name: parser})
+    return out
 
 
 COMMANDS = sorted(_subparsers())
@@ -219,7 +223,7 @@ def test_no_arguments_or_files_make_a_command_crash(command, world, monkeypatch,
     codes: dict[int, int] = {}
 
     @settings(
-        max_examples=EXAMPLES[COST.get(command, "cheap")],
+        max_examples=EXAMPLES[COST.get(command.split()[0], "cheap")],
         derandomize=True,
         deadline=None,
         database=None,

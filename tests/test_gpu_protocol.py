@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,6 @@ from PIL import Image
 from blockkey.data import load_dataset, load_image_folder
 from blockkey.imagepack import _demo_blobs, load_image_pack, pack_image_folder
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 CLASSES = [f"c{i}" for i in range(10)]
 
 
@@ -31,11 +29,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def protocol():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("gpu_protocol")
-    finally:
-        sys.path.remove(str(BENCH))
+    return importlib.import_module("benchmarks.gpu_protocol")  # the repository root is on pytest's path
 
 
 def _folder(root: Path, per_class: int) -> Path:

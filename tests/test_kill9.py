@@ -20,8 +20,7 @@ import torch
 
 from blockkey.checkpoint import load_model
 
-from .helpers import rand_key
-from .test_training import colour_data, write_folder
+from .helpers import colour_data, rand_key, write_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX")]
 

@@ -17,7 +17,7 @@ from blockkey.models import create_model
 from blockkey.passport import PassportConv, PassportError, Passports, passport_layers, sign_loss, signature_match
 from blockkey.train import TrainConfig, fit
 
-from .test_training import colour_data, write_folder
+from .helpers import colour_data, write_folder
 
 SMALL = {"width": 0.125, "passport": True, "image_size": 16}
 
@@ -120,6 +120,7 @@ def trained(tmp_path_factory):
     return tmp / "run", passports, val
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_correct_passports_work_forged_ones_collapse_and_signature_is_embedded(trained):
     run, passports, val = trained
     model, meta = load_model(run)
@@ -149,6 +150,7 @@ def test_signature_without_sign_loss_is_not_embedded(tmp_path):
     assert signature_match(model) < 0.75  # the bits only match where the sign loss pushes them
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_passports_not_in_checkpoint_files(trained):
     run, passports, _ = trained
     needle = passports.tensors[sorted(passports.tensors)[0]].numpy().tobytes()[:64]
@@ -164,6 +166,7 @@ def test_trainer_refuses_a_passport_model_without_passports_and_key_with_passpor
         fit(train, None, None, cfg, tmp_path / "a", progress=False, log=lambda s: None)
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_cli_train_and_evaluate(tmp_path, capsys):
     root = write_folder(tmp_path / "ds", colour_data(30, size=16))
     out = tmp_path / "run"
@@ -185,6 +188,7 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
     assert "has no passport variant" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_finetune_attack_on_a_passport_model_forges_its_own_passports(trained, tmp_path):
     from blockkey.attacks import Target
     from blockkey.attacks.finetune import finetune_attack

@@ -20,8 +20,7 @@ from blockkey.predict import Predictor, fit_image, list_images, to_channels
 from blockkey.train import TrainConfig, fit
 from blockkey.transforms import KeyedTransform
 
-from .helpers import rand_key
-from .test_training import colour_data
+from .helpers import colour_data, rand_key
 
 
 def quiet_fit(train, val, key, cfg, out, **kw):
@@ -147,7 +146,11 @@ def test_cli_predict(runs, tmp_path, capsys):
     with open(tmp_path / "p.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and rows[0]["path"].endswith("broken.png") and rows[0]["error"]
-    assert rows[1]["class_1"] in va.classes and 0 < float(rows[1]["prob_1"]) <= 1
+    probs = Predictor(t / "prot", t / "key.json").logits(va.images[:5]).softmax(1)  # the images before PNG
+    for row, p in zip(rows[1:], probs, strict=True):  # sub/000.png .. sub/004.png, in order
+        top2 = p.topk(2)
+        assert [row["class_1"], row["class_2"]] == [va.classes[i] for i in top2.indices.tolist()]
+        assert [float(row["prob_1"]), float(row["prob_2"])] == pytest.approx(top2.values.tolist(), abs=1e-4)
     assert main([*argv, *map(str, paths), "--json", "--csv", str(tmp_path / "p.csv")]) == 2
     assert "exists" in capsys.readouterr().err
     assert main([*argv, *map(str, paths), "--json"]) == 0

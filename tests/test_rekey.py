@@ -17,9 +17,8 @@ from blockkey.models import PatchNet, create_model
 from blockkey.rekey import RekeyError, block_affine, convert_run, logit_error, rekey_model, rekey_run
 from blockkey.train import TrainConfig, fit
 
-from .helpers import rand_key
+from .helpers import colour_data, rand_key
 from .reference import reference_encrypt
-from .test_training import colour_data
 
 RECIPES = ["shuffle", "negpos", "shuffle,negpos", "negpos,shuffle", "shuffle,negpos,shuffle,negpos"]
 SMALL = {
@@ -92,6 +91,7 @@ def test_rekey_is_exact_and_round_trips(name):
     assert np.allclose(back_norm.mean, normalize.per_position(m, 3)[0].numpy(), atol=1e-15)
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_torchvision_convnext_stem():
     torch.manual_seed(0)
     net = create_model("tv_convnext_tiny", 5).eval()
@@ -132,6 +132,7 @@ def plain_run(tmp_path):
     return tmp_path, va, meta
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_convert_and_rekey_runs(plain_run):
     t, va, _ = plain_run
     plain = evaluate_run(t / "plain", va, None, progress=False).rows[0]["accuracy"]
@@ -159,6 +160,7 @@ def test_convert_and_rekey_runs(plain_run):
         rekey_run(t / "plain", k1, k2, t / "x")
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_check_refuses_a_model_that_bypasses_its_patch_embedding(plain_run, monkeypatch):
     from blockkey import models
 
@@ -175,6 +177,7 @@ def test_check_refuses_a_model_that_bypasses_its_patch_embedding(plain_run, monk
     assert not (t / "leaky").exists()
 
 
+@pytest.mark.slow  # more than 10 s on a 2-vCPU VM
 def test_cli(plain_run, capsys):
     from blockkey.cli import main
 

@@ -17,8 +17,7 @@ from blockkey.predict import Predictor
 from blockkey.rekey import convert_run, logit_error, rekey_model
 from blockkey.train import TrainConfig, fit
 
-from .helpers import rand_key
-from .test_training import colour_data, write_folder
+from .helpers import colour_data, rand_key, write_folder
 
 timm = pytest.importorskip("timm")
 

@@ -26,27 +26,7 @@ from blockkey.evaluate import align_classes, evaluate_run
 from blockkey.models import create_model, list_models
 from blockkey.train import TrainConfig, fit
 
-from .helpers import rand_key
-
-
-def colour_data(n_per_class: int = 40, size: int = 8, classes: int = 3, seed: int = 0) -> ImageTensors:
-    """A learnable toy set: class c has a bright patch in channel c plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    imgs, labels = [], []
-    for c in range(classes):
-        x = torch.randint(0, 100, (n_per_class, 3, size, size), generator=g)
-        x[:, c % 3, : size // 2] += 150
-        imgs.append(x.clamp(0, 255).to(torch.uint8))
-        labels.append(torch.full((n_per_class,), c))
-    return ImageTensors(torch.cat(imgs), torch.cat(labels), tuple(f"class{c}" for c in range(classes)))
-
-
-def write_folder(root, data: ImageTensors):
-    for i, (img, label) in enumerate(zip(data.images, data.labels, strict=True)):
-        d = root / data.classes[int(label)]
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
-    return root
+from .helpers import colour_data, rand_key, saved_figures, write_folder
 
 
 class TestData:
@@ -147,6 +127,7 @@ CFG = dict(model="fastnet", model_kwargs={"width": 0.25}, batch_size=16, lr=0.05
 
 
 class TestFit:
+    @pytest.mark.slow  # more than 10 s on a 2-vCPU VM
     def test_trains_and_evaluates(self, tmp_path):
         data = colour_data(40)
         tr, va = stratified_split(data, 0.25, 0)
@@ -178,6 +159,7 @@ class TestFit:
             "channels": 3,
         }
 
+    @pytest.mark.slow  # more than 10 s on a 2-vCPU VM
     def test_resume_after_interruption_gives_identical_weights(self, tmp_path):
         data = colour_data(24)
         key = rand_key("shuffle,negpos", 4)
@@ -318,7 +300,7 @@ class TestCLIErrors:
         assert "Traceback" not in err
         return code, err
 
-    def test_train_and_evaluate_errors(self, trained, capsys):
+    def test_train_and_evaluate_errors(self, trained, capsys, monkeypatch):
         t = trained
         code, err = self.run(capsys, "train", "--data", t / "nope", "--no-key", "-o", t / "r2")
         assert code == 2 and "does not exist" in err and err.count("\n") == 1
@@ -331,20 +313,15 @@ class TestCLIErrors:
         assert code == 2 and "already holds a run" in err
         code, err = self.run(capsys, "evaluate", "--model", t / "run", "--key", t / "k3.json", "--wrong-keys", "0")
         assert code == 2 and "the key is for M=3" in err
-        code, _ = self.run(
-            capsys,
-            "evaluate",
-            "--model",
-            t / "run",
-            "--key",
-            t / "k.json",
-            "--wrong-keys",
-            "2",
-            "--plot",
-            t / "bars.png",
-            "--json",
-        )
-        assert code == 0 and (t / "bars.png").exists()
+        from blockkey.cli import main
+
+        figures = saved_figures(monkeypatch)
+        argv = ["evaluate", "--model", t / "run", "--key", t / "k.json", "--wrong-keys", "2", "--plot", t / "bars.png"]
+        assert main([str(a) for a in [*argv, "--json"]]) == 0
+        rows = json.loads(capsys.readouterr().out)["rows"]
+        bars = figures[0].axes[0].patches  # one bar per row, its height the row's accuracy
+        assert [b.get_height() for b in bars] == pytest.approx([100 * r["accuracy"] for r in rows])
+        assert [r["setting"] for r in rows][:1] == ["correct key"] and len(rows) == 3
         (t / "run" / "model.safetensors").write_bytes(b"\0" * 64)
         code, err = self.run(capsys, "evaluate", "--model", t / "run", "--key", t / "k.json")
         assert code == 2 and "corrupt weights" in err and err.count("\n") == 1
@@ -414,6 +391,7 @@ class TestStream:
         train = StreamLoader(stream, 8, train=True, transform=key, normalize=norm, seed=1)
         assert len(train) == 3 and all(x.shape == (8, 3, 16, 16) for x, _ in train)
 
+    @pytest.mark.slow  # more than 10 s on a 2-vCPU VM
     def test_train_and_evaluate_cli(self, tmp_path, capsys):
         from blockkey.cli import main
 

@@ -115,7 +115,7 @@ def test_cli(tmp_path, capsys):
 
     from blockkey.cli import main
 
-    from .test_training import colour_data, write_folder
+    from .helpers import colour_data, write_folder
 
     root = write_folder(tmp_path / "ds", colour_data(20, size=16))
     train = [

@@ -11,6 +11,7 @@ on a fraction of the labelled plain training data.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -20,8 +21,9 @@ from ..data import Data, Normalize, make_loader, stratified_subset
 from ..functional import from_blocks, to_blocks
 from ..runtime import autocast, normalise
 from . import AttackReport, Target, accuracy, make_report
+from .registry import AttackData, AttackSpec, option, register_attack, seed_option
 
-__all__ = ["BlockAdapter", "adapter_attack", "train_adapter"]
+__all__ = ["AdapterSettings", "BlockAdapter", "adapter_attack", "train_adapter"]
 
 
 class BlockAdapter(nn.Module):
@@ -94,7 +96,9 @@ def _fit_adapter(
     batch_size = max(1, min(batch_size, len(train) // 4))  # small fractions still get several steps an epoch
     loader = make_loader(train, batch_size, train=True, transform=None, normalize=None, device=target.device, seed=seed)
     steps = max(1, epochs * len(loader))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.2)
+    # OneCycleLR divides by pct_start * steps - 1: zero for 0.2 and exactly 5 steps (a tiny data fraction)
+    pct = 0.2 if steps != 5 else 0.25
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=pct)
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(epochs):
         loader.set_epoch(epoch)
@@ -147,3 +151,19 @@ def adapter_attack(
             }
         )
     return make_report(target, "adapter", rows, t_start)
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    fractions: list[float] = option([0.01, 0.05, 0.1], "labelled data fractions", type=at.FRACTION, nargs="+")
+    epochs: int = option(30, "training epochs", type=at.EPOCHS)
+    seed: int = seed_option()
+
+
+def _run(target: Target, data: AttackData, s: AdapterSettings) -> AttackReport:
+    return adapter_attack(target, data.train, s.fractions, epochs=s.epochs, seed=s.seed, progress=data.progress)
+
+
+register_attack(
+    AttackSpec("adapter", "a learned front-end before the frozen stolen model", AdapterSettings, _run, "data_fraction")
+)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -39,8 +40,9 @@ from .known_plaintext import key_agreement
 from .matching import corr as _corr
 from .matching import dihedral as _dihedral
 from .matching import match as _match
+from .registry import AttackData, AttackSpec, option, register_attack, seed_option
 
-__all__ = ["ciphertext_only_attack", "recover_key_ciphertext_only"]
+__all__ = ["CiphertextOnlySettings", "ciphertext_only_attack", "recover_key_ciphertext_only"]
 
 
 def _quantile_table(codes: Tensor, values: Tensor) -> Tensor:
@@ -179,3 +181,18 @@ def ciphertext_only_attack(
             }
         )
     return make_report(target, "ciphertext-only", rows, t_start)
+
+
+@dataclass(frozen=True)
+class CiphertextOnlySettings:
+    images: list[int] = option([100, 1000], "transformed images seen", type=at.COUNT, nargs="+")
+    seed: int = seed_option()
+
+
+def _run(target: Target, data: AttackData, s: CiphertextOnlySettings) -> AttackReport:
+    return ciphertext_only_attack(target, data.train, s.images, seed=s.seed)  # type: ignore[arg-type]
+
+
+register_attack(
+    AttackSpec("ciphertext-only", "the key from transformed images alone", CiphertextOnlySettings, _run, "images")
+)

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import argtypes as at
 from ..data import Data, stratified_subset
+from ..errors import BlockkeyError
 from ..evaluate import evaluate_run
 from ..passport import Passports
 from ..train import TrainConfig, fit
 from . import AttackReport, Target, make_report
+from .registry import AttackData, AttackSpec, option, register_attack, seed_option
 
-__all__ = ["finetune_attack"]
+__all__ = ["FinetuneSettings", "finetune_attack"]
 
 
 def finetune_attack(
@@ -93,3 +96,28 @@ def finetune_attack(
                 }
             )
     return make_report(target, "fine-tune", rows, t_start)
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    fractions: list[float] = option([0.01, 0.05, 0.1], "labelled data fractions", type=at.FRACTION, nargs="+")
+    epochs: int = option(30, "training epochs", type=at.EPOCHS)
+    output: str | None = option(
+        None, "folder for the attacker's runs (required)", "-o", "--output", type=at.output_path
+    )
+    seed: int = seed_option()
+
+
+def _run(target: Target, data: AttackData, s: FinetuneSettings) -> AttackReport:
+    if not s.output:
+        raise BlockkeyError("fine-tune writes one run per variant: give -o OUTDIR")
+    if data.run_dir is None:
+        raise BlockkeyError("fine-tune starts from the stolen run directory: AttackData.run_dir is needed")
+    return finetune_attack(
+        target, data.run_dir, data.train, s.fractions, s.output, epochs=s.epochs, seed=s.seed, progress=data.progress
+    )
+
+
+register_attack(
+    AttackSpec("fine-tune", "fine-tune the stolen weights on plain images", FinetuneSettings, _run, "data_fraction")
+)

@@ -29,14 +29,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import argtypes as at
 from ..data import Data
+from ..errors import KeyMismatchError
 from ..functional import BlockPlan
 from ..inner import ChannelKey, inner_points
 from ..keys import KeySet
 from ..transforms import KeyedTransform
 from . import AttackReport, Target, accuracy, make_report
+from .registry import AttackData, AttackSpec, option, register_attack
 
-__all__ = ["align_inner", "inner_align_attack"]
+__all__ = ["InnerAlignSettings", "align_inner", "inner_align_attack"]
 
 
 @dataclass
@@ -258,7 +261,7 @@ def inner_align_attack(
     """
     key = target.key
     if not isinstance(key, KeySet) or key.inner is None:
-        raise ValueError("inner-align attacks a key with an inner part (recipe token 'inner')")
+        raise KeyMismatchError("inner-align attacks a key with an inner part (recipe token 'inner')")
     started = time.perf_counter()
     outer = KeySet(key.block_size, key.channels, key.steps) if key.steps else None
     true = inner_points(target.model, key.inner)
@@ -279,3 +282,18 @@ def inner_align_attack(
             }
         )
     return make_report(target, "inner-align", rows, started)
+
+
+@dataclass(frozen=True)
+class InnerAlignSettings:
+    images: list[int] = option([100, 1000], "labelled plain images used", type=at.COUNT, nargs="+")
+    seconds_per_point: float = option(60.0, "local-search time per keyed point", type=at.SECONDS)
+
+
+def _run(target: Target, data: AttackData, s: InnerAlignSettings) -> AttackReport:
+    return inner_align_attack(target, data.train, s.images, seconds_per_point=s.seconds_per_point)
+
+
+register_attack(
+    AttackSpec("inner-align", "the inner key by aligning batch-norm statistics", InnerAlignSettings, _run, "images")
+)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,11 +22,13 @@ from ..data import Data, ImageTensors, stratified_subset
 from ..functional import compile_block_plan
 from ..keys import FFX, KeySet, NegPos, Shuffle
 from ..runtime import autocast, normalise
+from ..steps import KeyStep
 from ..transforms import KeyedTransform
 from . import AttackReport, Target, accuracy, make_report
 from .known_plaintext import key_agreement
+from .registry import AttackData, AttackSpec, option, register_attack, seed_option
 
-__all__ = ["hill_climb", "key_search_attack", "random_keys_attack"]
+__all__ = ["KeySearchSettings", "RandomKeysSettings", "hill_climb", "key_search_attack", "random_keys_attack"]
 
 
 class _Scorer:
@@ -97,7 +99,7 @@ def random_keys_attack(
 
 
 def _neighbour(key: KeySet, rng: random.Random) -> KeySet:
-    """One random move: swap two permutation entries or flip one mask bit."""
+    """One random move: swap two permutation entries or flip one mask bit (other steps: no move)."""
     i = rng.randrange(len(key.steps))
     step = key.steps[i]
     length = key.block_len
@@ -105,14 +107,16 @@ def _neighbour(key: KeySet, rng: random.Random) -> KeySet:
         a, b = rng.randrange(length), rng.randrange(length)
         perm = list(step.perm)
         perm[a], perm[b] = perm[b], perm[a]
-        new: Shuffle | NegPos | FFX = Shuffle(tuple(perm))
-    else:
+        new: KeyStep = Shuffle(tuple(perm))
+    elif isinstance(step, (NegPos, FFX)):
         mask = list(step.mask)
         j = rng.randrange(length)
         mask[j] ^= 1
         if not any(mask):  # masks are never all-zero
             return key
         new = NegPos(tuple(mask)) if isinstance(step, NegPos) else FFX(tuple(mask), step.password)
+    else:  # a step this search has no moves for stays as drawn
+        return key
     steps = list(key.steps)
     steps[i] = new
     return replace(key, steps=tuple(steps))
@@ -181,3 +185,48 @@ def key_search_attack(
     for r in rows:
         r["setting"] = f"best of {random_keys} random keys, {r['setting']}"
     return make_report(target, "key-search", rows, t0)
+
+
+@dataclass(frozen=True)
+class RandomKeysSettings:
+    keys: int = option(100, "random keys to draw", type=at.COUNT)
+    batch: int = option(256, "labelled images to score on", type=at.COUNT)
+    seed: int = seed_option()
+
+
+@dataclass(frozen=True)
+class KeySearchSettings:
+    keys: int = option(100, "random keys to draw before the hill climb", type=at.COUNT)
+    iterations: int = option(2000, "hill-climbing moves", type=at.COUNT)
+    batch: int = option(256, "labelled images to score on", type=at.COUNT)
+    seed: int = seed_option()
+
+
+def _run_random(target: Target, data: AttackData, s: RandomKeysSettings) -> AttackReport:
+    return random_keys_attack(target, data.train, s.keys, s.batch, seed=s.seed, progress=data.progress)
+
+
+def _run_search(target: Target, data: AttackData, s: KeySearchSettings) -> AttackReport:
+    return key_search_attack(
+        target,
+        data.train,
+        random_keys=s.keys,
+        iterations=s.iterations,
+        batch=s.batch,
+        seed=s.seed,
+        progress=data.progress,
+    )
+
+
+register_attack(
+    AttackSpec("random-keys", "the best of random keys drawn like the true one", RandomKeysSettings, _run_random)
+)
+register_attack(
+    AttackSpec(
+        "key-search",
+        "random keys, then hill climbing on labelled accuracy",
+        KeySearchSettings,
+        _run_search,
+        "iterations",
+    )
+)

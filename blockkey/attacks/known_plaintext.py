@@ -15,6 +15,7 @@ One CIFAR image gives 64 blocks at M=4: enough to pin most of a shuffle/negpos k
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -25,8 +26,9 @@ from ..errors import ShapeError
 from ..functional import FFX_MAX, PIXEL_MAX, BlockPlan, compile_block_plan, to_blocks
 from ..transforms import KeyedTransform
 from . import AttackReport, Target, accuracy, make_report
+from .registry import AttackData, AttackSpec, option, register_attack, seed_option
 
-__all__ = ["key_agreement", "known_plaintext_attack", "recover_key"]
+__all__ = ["KnownPlaintextSettings", "key_agreement", "known_plaintext_attack", "recover_key"]
 
 
 def _canonical(cols: Tensor) -> Tensor:
@@ -142,3 +144,24 @@ def known_plaintext_attack(
             }
         )
     return make_report(target, "known-plaintext", rows, t_start)
+
+
+@dataclass(frozen=True)
+class KnownPlaintextSettings:
+    pairs: list[int] = option([1, 2, 4], "pairs per try", type=at.COUNT, nargs="+")
+    pairs_from: str = option(
+        "eval", "draw the pairs from the evaluation images or the attack pool", choices=("eval", "train")
+    )
+    seed: int = seed_option()
+
+
+def _run(target: Target, data: AttackData, s: KnownPlaintextSettings) -> AttackReport:
+    source = data.train if s.pairs_from == "train" else None
+    return known_plaintext_attack(target, s.pairs, data=source, seed=s.seed)  # type: ignore[arg-type]
+
+
+register_attack(
+    AttackSpec(
+        "known-plaintext", "the key from (plain, transformed) image pairs", KnownPlaintextSettings, _run, "pairs"
+    )
+)

@@ -29,11 +29,13 @@ import itertools
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .. import argtypes as at
 from ..data import ImageTensors
 from ..errors import BlockkeyError
 from ..functional import PIXEL_MAX, BlockPlan, compile_block_plan, to_blocks
@@ -43,8 +45,10 @@ from . import AttackReport, Target, accuracy, make_report
 from .ciphertext_only import _confidence_scorer
 from .known_plaintext import key_agreement
 from .matching import _ascend, corr, dihedral, match, match_objective
+from .registry import AttackData, AttackSpec, option, register_attack, seed_option
 
 __all__ = [
+    "WeightsOnlySettings",
     "embedding_columns",
     "image_reference",
     "model_reference",
@@ -321,8 +325,6 @@ def weights_only_attack(
     statistics (signs and channels; ``stats_images`` unlabelled plain images give the plain statistics).
     ``plain_images`` unlabelled plain images (from ``train``) build the image reference and decide the
     grid's symmetries by the stolen model's confidence."""
-    from .. import argtypes as at
-
     t_start = time.perf_counter()
     for name, n in (("plain_images", plain_images), ("stats_images", stats_images), ("restarts", restarts)):
         at.COUNT.check(name, n)
@@ -370,3 +372,29 @@ def weights_only_attack(
                 }
             )
     return make_report(target, "weights-only", rows, t_start)
+
+
+@dataclass(frozen=True)
+class WeightsOnlySettings:
+    reference: str | None = option(
+        None, "a plain model the attacker trained (same patch size)", type=at.path_name, metavar="RUN_DIR"
+    )
+    seed: int = seed_option()
+    #: Library use: a reference model already in memory (and its name in the report), instead of ``reference``.
+    reference_model: nn.Module | None = None
+    reference_name: str | None = None
+
+
+def _run(target: Target, data: AttackData, s: WeightsOnlySettings) -> AttackReport:
+    ref, name = s.reference_model, s.reference_name
+    if ref is None and s.reference:
+        from ..checkpoint import load_model
+
+        ref, ref_meta = load_model(s.reference)
+        if ref_meta.get("key") is not None:
+            raise BlockkeyError(f"--reference {s.reference} is protected; the reference must be a plain model")
+    name = name or f"plain model {s.reference}"
+    return weights_only_attack(target, data.train, reference_model=ref, reference_name=name, seed=s.seed)  # type: ignore[arg-type]
+
+
+register_attack(AttackSpec("weights-only", "the key from the stolen weights alone", WeightsOnlySettings, _run))

@@ -4,7 +4,9 @@ Float [0, 1] NCHW tensors, one transform at a time: segment into block vectors, 
 integrate back. Written from the description in ../shared/reference/paper-digest.md section 6 and
 kept deliberately in that style (including FFX's floor quantisation and division by the table's
 maximum) so that conformance tests compare against it and benchmarks can time it. Keys are passed in
-explicitly instead of being drawn from ``torch.manual_seed``. Not part of the library.
+explicitly instead of being drawn from ``torch.manual_seed``. The library never uses it: it is the
+reference of the conformance tests and the baseline of benchmarks/transform_throughput.py (so it
+lives in the package, importable by both without path tricks).
 """
 
 from __future__ import annotations
