@@ -77,10 +77,12 @@ class AuthorsFFX(AuthorsBlock):
         return self.integrate(x).contiguous()
 
 
-def authors_chain(steps: list[dict], block_size: int, height: int, width: int, channels: int = 3):
+def authors_chain(
+    steps: list[dict], block_size: int, height: int, width: int, channels: int = 3
+) -> list[AuthorsShuffle | AuthorsNP | AuthorsFFX]:
     """The steps of a key file as a list of authors'-style transforms, to be applied in order."""
     args = (block_size, height, width, channels)
-    out = []
+    out: list[AuthorsShuffle | AuthorsNP | AuthorsFFX] = []
     for s in steps:
         if s["type"] == "shuffle":
             out.append(AuthorsShuffle(s["perm"], *args))

@@ -129,7 +129,7 @@ def run_attack(name: str, target: Target, data: AttackData, **settings: Any) -> 
 
 
 def add_attack_parsers(
-    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg,unused-ignore]
     parents: Sequence[argparse.ArgumentParser] = (),
 ) -> None:
     """One subparser per registered attack: the common ``parents`` plus the attack's own options."""

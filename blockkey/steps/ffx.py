@@ -46,7 +46,7 @@ def ffx_table(password: str) -> tuple[int, ...]:
 
     ``pyffx.Integer(password.encode(), length=3)``, as in the authors' code. Cached per password.
     """
-    import pyffx  # type: ignore[import-untyped]  # imported here: the kernels stay pure torch
+    import pyffx  # imported here: the kernels stay pure torch
 
     cipher = pyffx.Integer(password.encode("utf-8"), length=3)
     return tuple(int(cipher.encrypt(v)) for v in range(1000))
