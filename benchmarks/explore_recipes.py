@@ -31,7 +31,7 @@ from blockkey.attacks.known_plaintext import known_plaintext_attack
 from blockkey.checkpoint import load_model
 from blockkey.data import load_dataset, stratified_split, stratified_subset
 
-# name: (recipe, model, normalisation[, model kwargs])
+# name: (recipe, model, normalisation[, model kwargs[, train_recipe options, e.g. block_size]])
 CANDIDATES = {
     "none": (None, "patchnet", "position"),
     "shuffle-negpos-ffx": ("shuffle,negpos,ffx", "patchnet", "position"),
@@ -39,6 +39,15 @@ CANDIDATES = {
     "shuffle-negpos-ffxall-tablenet": ("shuffle,negpos,ffx-all", "tablenet", "none"),
     "inner": ("inner", "patchnet", "position", {"inner": True}),
     "shuffle-negpos-ffx-inner": ("shuffle,negpos,ffx,inner", "patchnet", "position", {"inner": True}),
+    # issue 11, defence C: FFX on every position with one value table shared by all positions
+    "shuffle-negpos-ffxall-shared8": ("shuffle,negpos,ffx-all", "tablenet", "none", {"shared": True, "value_dim": 8}),
+    "shuffle-negpos-ffxall-shared8-m8": (
+        "shuffle,negpos,ffx-all",
+        "tablenet",
+        "none",
+        {"shared": True, "value_dim": 8},
+        {"block_size": 8},
+    ),
 }
 FRACTION = 0.01
 ATTACKS = ["random-keys", "fine-tune", "adapter", "inner-align", "known-plaintext", "ciphertext-only"]
@@ -232,6 +241,7 @@ def main() -> None:
                     wrong_keys=20,
                     norm=norm,
                     model_kwargs=extra[0] if extra else None,
+                    **(extra[1] if len(extra) > 1 else {}),
                 )
                 _save(path, name, entry)
             if recipe is None:
