@@ -41,20 +41,36 @@ CANDIDATES = {
     "shuffle-negpos-ffx-inner": ("shuffle,negpos,ffx,inner", "patchnet", "position", {"inner": True}),
     # issue 11, defence C: FFX on every position with one value table shared by all positions
     "shuffle-negpos-ffxall-shared8": ("shuffle,negpos,ffx-all", "tablenet", "none", {"shared": True, "value_dim": 8}),
-    "shuffle-negpos-ffxall-shared8-m8": (
+    "shuffle-negpos-ffxall-shared8-g3": (
         "shuffle,negpos,ffx-all",
         "tablenet",
         "none",
-        {"shared": True, "value_dim": 8},
+        {"shared": True, "value_dim": 8, "gain": 3.0},
+    ),
+    "shuffle-negpos-ffxall-shared8-g3-m8": (
+        "shuffle,negpos,ffx-all",
+        "tablenet",
+        "none",
+        {"shared": True, "value_dim": 8, "gain": 3.0},
         {"block_size": 8},
     ),
 }
 FRACTION = 0.01
-ATTACKS = ["random-keys", "fine-tune", "adapter", "inner-align", "known-plaintext", "ciphertext-only"]
-WITHIN_THREAT_MODEL = ("random-keys", "fine-tune", "adapter", "inner-align")
+ATTACKS = [
+    "random-keys",
+    "fine-tune",
+    "adapter",
+    "inner-align",
+    "table-order",
+    "table-order-finetune",
+    "known-plaintext",
+    "ciphertext-only",
+]
+WITHIN_THREAT_MODEL = ("random-keys", "fine-tune", "adapter", "inner-align", "table-order", "table-order-finetune")
+SHARED_TABLE_ONLY = ("table-order", "table-order-finetune")  # attacks on tablenet(shared=True) alone
 
 
-FRACTION_ATTACKS = ("fine-tune", "adapter")  # the ones run again at each --fractions value
+FRACTION_ATTACKS = ("fine-tune", "adapter", "table-order-finetune")  # run again at each --fractions value
 
 
 def attack(name: str, target: Target, run: Path, train, out: Path, fraction: float = FRACTION):
@@ -68,6 +84,16 @@ def attack(name: str, target: Target, run: Path, train, out: Path, fraction: flo
         from blockkey.attacks.inner_align import inner_align_attack
 
         return inner_align_attack(target, train, [round(fraction * len(train))], seconds_per_point=120)
+    if name == "table-order":
+        from blockkey.attacks.table_order import table_order_attack
+
+        return table_order_attack(target, train)
+    if name == "table-order-finetune":
+        from blockkey.attacks.table_order import table_order_finetune
+
+        return table_order_finetune(
+            target, train, [fraction], out / "table-order" / run.name / f"{fraction:g}", epochs=15
+        )
     if name == "known-plaintext":
         return known_plaintext_attack(target, [1], data=train)
     if name == "ciphertext-only":
@@ -96,7 +122,7 @@ def summary(results: dict) -> list[dict]:
             best = None
             for a in names:
                 for x in attacks.get(a, {}).get("rows", []):
-                    if a == "fine-tune" and x["variant"] == "scratch":
+                    if x.get("variant") == "scratch":
                         continue
                     if best is None or x["attacker_accuracy"] > best[1]:
                         best = (f"{a}: {x['setting']}", x["attacker_accuracy"])
@@ -257,6 +283,8 @@ def main() -> None:
                 print(f"{name}: {slot} ...", flush=True)
                 if a == "adapter" and model_name == "tablenet":
                     rep = {"skipped": "no gradient through the table lookup (first-layer fine-tuning is its analogue)"}
+                elif a in SHARED_TABLE_ONLY and not (extra and extra[0].get("shared")):
+                    continue  # not a shared value table: nothing to order
                 else:
                     try:
                         rep = attack(a, target, out / name, train, out, fraction).to_json()

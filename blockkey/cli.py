@@ -504,6 +504,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if ref_meta.get("key") is not None:
             raise BlockkeyError(f"--reference {args.reference} is protected; the reference must be a plain model")
         report = weights_only_attack(target, train, reference_model=ref, reference_name=f"plain model {args.reference}")
+    elif args.attack == "table-order":
+        from .attacks.table_order import table_order_attack, table_order_finetune
+
+        ref, ref_meta = load_model(args.reference) if args.reference else (None, {})
+        if ref_meta.get("key") is not None:
+            raise BlockkeyError(f"--reference {args.reference} is protected; the reference must be a plain model")
+        report = table_order_attack(target, train, reference_model=ref, reference_name=f"plain model {args.reference}")
+        if args.output:  # then fine-tune the folded model on labelled plain data
+            tuned = table_order_finetune(target, train, args.fractions, args.output, epochs=args.epochs, seed=args.seed)
+            report.rows += tuned.rows
     else:
         from .attacks.adapter import adapter_attack
 
@@ -827,6 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
             "adapter",
             "inner-align",
             "weights-only",
+            "table-order",
         ],
         help="attack to run",
     )
@@ -845,7 +856,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data-root", type=at.output_path, help="where torchvision datasets live / are downloaded")
     sp.add_argument("--pairs", type=at.COUNT, nargs="+", default=[1, 2, 4], help="known-plaintext: pairs per try")
     sp.add_argument(
-        "--fractions", type=at.FRACTION, nargs="+", default=[0.01, 0.05, 0.1], help="adapter: labelled data fractions"
+        "--fractions",
+        type=at.FRACTION,
+        nargs="+",
+        default=[0.01, 0.05, 0.1],
+        help="adapter, fine-tune, table-order -o: labelled data fractions",
     )
     sp.add_argument(
         "--images",
@@ -857,12 +872,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--epochs", type=at.EPOCHS, default=30, help="adapter, fine-tune: training epochs (default %(default)s)"
     )
-    sp.add_argument("-o", "--output", type=at.output_path, help="fine-tune: folder for the attacker's runs")
+    sp.add_argument(
+        "-o",
+        "--output",
+        type=at.output_path,
+        help="fine-tune, table-order (then fine-tuned at --fractions): folder for the attacker's runs",
+    )
     sp.add_argument(
         "--reference",
         type=at.path_name,
         metavar="RUN_DIR",
-        help="weights-only: a plain model the attacker trained (same patch size)",
+        help="weights-only, table-order: a plain model the attacker trained (same patch size)",
     )
     sp.add_argument("--keys", type=at.COUNT, default=100, help="random-keys, key-search: random keys to draw")
     sp.add_argument("--iterations", type=at.COUNT, default=2000, help="key-search: hill-climbing moves")

@@ -1,0 +1,133 @@
+"""The shared value table (tablenet(shared=True)) and the table-order attack against it (issue 11, defence C)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blockkey import KeyedTransform, KeySet
+from blockkey.attacks.table_order import (
+    order_agreement,
+    order_rows,
+    plain_input_model,
+    recover_key_table_order,
+    shared_table,
+)
+from blockkey.errors import BlockkeyError
+from blockkey.functional import compile_block_plan
+from blockkey.keys import ffx_table
+from blockkey.models import TableEmbed, create_model
+
+from .helpers import images
+
+SEED = 5
+
+
+def _meta(key: KeySet | None, **kwargs) -> dict:
+    return {
+        "model": "tablenet",
+        "model_kwargs": {"patch": 4, "width": 0.125, "shared": True, "value_dim": 4, **kwargs},
+        "classes": [str(i) for i in range(10)],
+        "image_shape": [3, 16, 16],
+        "config": {"seed": SEED},
+        "key": None if key is None else {"fingerprint": key.fingerprint},
+    }
+
+
+def _model(meta: dict) -> torch.nn.Module:
+    """The model as the trainer creates it: the init drawn right after ``manual_seed(seed)``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(meta["config"]["seed"])
+        return create_model("tablenet", 10, 3, **meta["model_kwargs"]).eval()
+
+
+def _curve(u: torch.Tensor, dim: int) -> torch.Tensor:
+    """A smooth embedding of the value ``u`` (what a trained table learns, here by construction)."""
+    t = u.double()[:, None] / 255 * torch.pi  # a constant-speed curve: (cos t, sin t, cos 2t, sin 2t, ...)
+    return torch.cat([(torch.cos if j % 2 == 0 else torch.sin)(t * (j // 2 + 1)) for j in range(dim)], 1)
+
+
+def _trained_like(meta: dict, key: KeySet, smooth: bool) -> torch.nn.Module:
+    """A shared tablenet as training leaves it: every row shrunk by weight decay, the rows of the codes in
+    use moved by a learnt part that is smooth in the value (``smooth``) or random (no order to find)."""
+    model = _model(meta)
+    stem = shared_table(model)
+    codes = torch.tensor(ffx_table(key.steps[-1].password)[:256])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        w = stem.table.weight
+        w.mul_(0.9)
+        d = w.shape[1]
+        learnt = _curve(torch.arange(256), d) if smooth else torch.randn(256, d, generator=g, dtype=torch.float64)
+        w[codes] += learnt.float()
+    return model
+
+
+def test_shared_table_is_one_lookup_for_every_position():
+    torch.manual_seed(0)
+    stem = TableEmbed(3, 4, dim=5, value_dim=2, shared=True, gain=3.0)
+    assert stem.table.weight.shape == (1000, 2)
+    x = images(2, 3, 8, 8)
+    out = stem(x.float() / 255)
+    w, mix = stem.table.weight * 3.0, stem.mix.weight
+    block = x[1, :, 4:8, 0:4].permute(1, 2, 0).reshape(-1)  # block (row 1, col 0), (row, col, channel) order
+    bins = torch.round(block.double() * 999 / 255).long()
+    torch.testing.assert_close(out[1, :, 1, 0], mix @ w[bins].reshape(-1))
+
+
+def test_order_rows_recovers_a_smooth_curve_exactly_and_a_random_table_not_at_all():
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(256, generator=g)
+    rows = _curve(torch.arange(256), 6)[perm] + 1e-4 * torch.randn(256, 6, generator=g, dtype=torch.float64)
+    found = perm[order_rows(rows)]  # values along the recovered order
+    assert torch.equal(found, torch.arange(256)) or torch.equal(found, torch.arange(255, -1, -1))
+    random_rows = torch.randn(256, 6, generator=g, dtype=torch.float64)
+    agree = order_agreement(order_rows(random_rows), torch.arange(256))
+    assert agree["order_spearman"] < 0.3 and agree["order_exact_fraction"] < 0.05
+
+
+@pytest.mark.parametrize("recipe", ["ffx-all", "shuffle,ffx-all"])
+def test_table_order_recovers_a_known_code_table_from_a_smooth_shared_table(recipe):
+    key = KeySet.from_seed(11, recipe, 4)
+    meta = _meta(key)
+    model = _trained_like(meta, key, smooth=True)
+    true_codes = torch.tensor(ffx_table(key.steps[-1].password)[:256])
+    plan, info = recover_key_table_order(model, meta, key.recipe, torch.eye(48, dtype=torch.float64))
+    agree = order_agreement(info["codes_by_value"], true_codes)
+    assert agree["codes_in_use_found"] == 1.0 and agree["order_exact_fraction"] == 1.0
+    if recipe == "ffx-all":  # nothing else to find: one of the two directions is the key, exactly
+        true = compile_block_plan(key)
+        assert any(torch.equal(p.codes, true.codes) for p in info["all_candidates"])
+    # without the init seed the learnt part is hidden under the init: the order is not found
+    _, blind = recover_key_table_order(model, meta, key.recipe, torch.eye(48, dtype=torch.float64), use_init=False)
+    assert order_agreement(blind["codes_by_value"], true_codes)["order_exact_fraction"] < 0.1
+
+
+def test_table_order_finds_no_order_where_the_learnt_part_is_random():
+    key = KeySet.from_seed(12, "ffx-all", 4)
+    meta = _meta(key)
+    model = _trained_like(meta, key, smooth=False)
+    true_codes = torch.tensor(ffx_table(key.steps[-1].password)[:256])
+    _, info = recover_key_table_order(model, meta, key.recipe, torch.eye(48, dtype=torch.float64))
+    agree = order_agreement(info["codes_by_value"], true_codes)
+    assert agree["codes_in_use_found"] == 1.0  # the codes in use still show (their rows moved)...
+    assert agree["order_spearman"] < 0.3 and agree["order_exact_fraction"] < 0.05  # ...but not their order
+
+
+def test_per_position_tables_are_refused():
+    model = create_model("tablenet", 10, patch=4, width=0.125)
+    with pytest.raises(BlockkeyError, match="shared value table"):
+        shared_table(model)
+
+
+def test_plain_input_model_folds_the_code_order_and_shuffle_exactly():
+    key = KeySet.from_seed(13, "shuffle,ffx-all", 4)
+    meta = _meta(key, gain=2.0)
+    model = _trained_like(meta, key, smooth=False)
+    true = compile_block_plan(key)
+    codes = torch.tensor(ffx_table(key.steps[-1].password)[:256])
+    plain, plain_meta = plain_input_model(model, meta, codes, true.src)
+    assert plain_meta["key"] is None and plain_meta["model_kwargs"] == meta["model_kwargs"]
+    x = images(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x.float() / 255), model(KeyedTransform(key)(x)))
