@@ -10,6 +10,7 @@
   learnt embedding row, summed over the block. Every key step (shuffle, negpos, FFX) is a
   relabelling of those pairs, so training on keyed images, even with FFX on every position, is
   distributed exactly like plain training. Train it with ``norm="none"`` (it reads raw [0, 1] values).
+- ``tablenet_shared``: tablenet with one value table shared by every block position (for ``ffx-all`` keys).
 - ``convmixer``: ConvMixer (Trockman & Kolter 2022) with patch = the key's block size.
 - ``vit``: a small "simple ViT" (Beyer et al. 2022: fixed 2-D sin-cos positions, mean pooling),
   patch = the key's block size, any image size divisible by the patch.
@@ -397,6 +398,17 @@ def tablenet(
     (:class:`TableEmbed`)."""
     widths = tuple(max(8, round(w * width)) for w in (128, 256, 256))
     return TableNet(num_classes, in_channels, patch, widths, value_dim, shared, gain)
+
+
+@register_model
+def tablenet_shared(
+    num_classes: int, in_channels: int = 3, patch: int = 4, width: float = 1.0, value_dim: int = 8, gain: float = 3.0
+) -> nn.Module:
+    """``tablenet(shared=True, value_dim=8, gain=3)``: one value table for every block position, for keys with
+    FFX on every position (``ffx-all``: one code table for all positions). docs/attacks.md measures what its
+    weights reveal (``blockkey attack table-order``)."""
+    widths = tuple(max(8, round(w * width)) for w in (128, 256, 256))
+    return TableNet(num_classes, in_channels, patch, widths, value_dim, True, gain)
 
 
 # --------------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def test_table_order_recovers_a_known_code_table_from_a_smooth_shared_table(reci
     meta = _meta(key)
     model = _trained_like(meta, key, smooth=True)
     true_codes = torch.tensor(ffx_table(key.steps[-1].password)[:256])
-    plan, info = recover_key_table_order(model, meta, key.recipe, torch.eye(48, dtype=torch.float64))
+    _, info = recover_key_table_order(model, meta, key.recipe, torch.eye(48, dtype=torch.float64))
     agree = order_agreement(info["codes_by_value"], true_codes)
     assert agree["codes_in_use_found"] == 1.0 and agree["order_exact_fraction"] == 1.0
     if recipe == "ffx-all":  # nothing else to find: one of the two directions is the key, exactly
@@ -131,3 +131,32 @@ def test_plain_input_model_folds_the_code_order_and_shuffle_exactly():
     x = images(3, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(plain(x.float() / 255), model(KeyedTransform(key)(x)))
+
+
+@pytest.mark.slow
+def test_cli_table_order(tmp_path, capsys):
+    import json
+
+    from blockkey.cli import main
+
+    from .test_training import colour_data, write_folder
+
+    root = write_folder(tmp_path / "ds", colour_data(20, size=16))
+    KeySet.generate("shuffle,negpos,ffx-all", 4).save(tmp_path / "k.json")
+    KeySet.generate("shuffle,negpos,ffx", 4).save(tmp_path / "p.json")
+    common = ["--data", root, "--epochs", "1", "--batch-size", "8", "--amp", "off", "--norm", "none"]
+    for model, key, out in [("tablenet_shared", "k.json", "run"), ("tablenet", "p.json", "per")]:
+        argv = ["train", *common, "--key", tmp_path / key, "--model", model, "-o", tmp_path / out]
+        assert main([str(a) for a in argv]) == 0
+    capsys.readouterr()
+    base = ["attack", "table-order", "--model", tmp_path / "run", "--key", tmp_path / "k.json", "--json"]
+    assert main([str(a) for a in base]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["attack"] == "table-order" and len(doc["rows"]) == 3
+    assert all(0 <= r["attacker_accuracy"] <= 1 and 0 <= r["order_spearman"] <= 1 for r in doc["rows"])
+    assert (
+        main([str(a) for a in ["attack", "table-order", "--model", tmp_path / "per", "--key", tmp_path / "p.json"]])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "ffx-all" in err and err.count("\n") == 1
