@@ -322,9 +322,9 @@ def table_order_attack(
                 }
             )
             if use_init and ref_name == refs[0][0]:
-                diag = _order_only(true_plan, true_codes, info["codes_by_value"], score)
+                diag = _order_only(true_plan, true_codes, info["codes_by_value"], target)
                 diag_row = {
-                    "setting": "diagnostic: recovered order with the key's shuffle and signs",
+                    "setting": "diagnostic (uses the key): recovered order + the key's shuffle, signs, direction",
                     "attacker_accuracy": accuracy(target, KeyedTransform(diag)),
                     **order_agreement(info["codes_by_value"], true_codes),
                     **key_agreement(diag, true_plan),
@@ -343,10 +343,12 @@ def _values_plan(plan: BlockPlan, true_codes: Tensor) -> BlockPlan:
     return BlockPlan(plan.block_size, plan.channels, plan.src, inverse[plan.codes], torch.full((length,), PIXEL_MAX))
 
 
-def _order_only(true_plan: BlockPlan, true_codes: Tensor, codes_by_value: Tensor, score: Any) -> BlockPlan:
+def _order_only(true_plan: BlockPlan, true_codes: Tensor, codes_by_value: Tensor, target: Target) -> BlockPlan:
+    """What the recovered order alone is worth: composed with the key's shuffle and signs, in the direction
+    that scores better on the labelled evaluation images (a diagnostic: it uses the key and the labels)."""
     values = _values_plan(true_plan, true_codes)
     options = [_compose(values, codes_by_value), _compose(values, codes_by_value.flip(0))]
-    return max(options, key=score)
+    return max(options, key=lambda p: accuracy(target, KeyedTransform(p)))
 
 
 def table_order_finetune(
