@@ -47,6 +47,7 @@ CANDIDATES = {
         "none",
         {"shared": True, "value_dim": 8, "gain": 3.0},
     ),
+    "shuffle-ffxall-shared8-g3": ("shuffle,ffx-all", "tablenet", "none", {"shared": True, "value_dim": 8, "gain": 3.0}),
     "shuffle-negpos-ffxall-shared8-g3-m8": (
         "shuffle,negpos,ffx-all",
         "tablenet",
