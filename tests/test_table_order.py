@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from blockkey import KeyedTransform, KeySet
 from blockkey.attacks.table_order import (
+    _source_sign_agreement,
     order_agreement,
     order_rows,
     plain_input_model,
@@ -95,8 +98,11 @@ def test_table_order_recovers_a_known_code_table_from_a_smooth_shared_table(reci
     _, info = recover_key_table_order(model, meta, key.recipe, torch.eye(48, dtype=torch.float64))
     agree = order_agreement(info["codes_by_value"], true_codes)
     assert agree["codes_in_use_found"] == 1.0 and agree["order_exact_fraction"] == 1.0
+    true = compile_block_plan(key)
+    assert _source_sign_agreement(true, true, true_codes) == {"source_fraction": 1.0, "sign_fraction": 1.0}
+    flipped = replace(true, codes=true.codes.flip(1))
+    assert _source_sign_agreement(flipped, true, true_codes)["sign_fraction"] == 0.0
     if recipe == "ffx-all":  # nothing else to find: one of the two directions is the key, exactly
-        true = compile_block_plan(key)
         assert any(torch.equal(p.codes, true.codes) for p in info["all_candidates"])
     # without the init seed the learnt part is hidden under the init: the order is not found
     _, blind = recover_key_table_order(model, meta, key.recipe, torch.eye(48, dtype=torch.float64), use_init=False)
