@@ -87,13 +87,19 @@ def init_rows(meta: dict[str, Any]) -> Tensor | None:
     return _rows(shared_table(model))
 
 
-def learned_rows(rows: Tensor, init: Tensor | None) -> Tensor:
-    """What training added to each row: ``rows - c * init`` with the shrinkage ``c`` fitted on all rows
-    (weight decay shrinks every row, trained or not); ``rows`` itself when the init is unknown."""
+def learned_rows(rows: Tensor, init: Tensor | None, used: int = VALUES) -> Tensor:
+    """What training added to each row: ``rows - c * init``, the shrinkage ``c`` (weight decay shrinks every
+    row, trained or not) fitted on all rows, then again on the rows that moved least (all but the ``used``
+    that moved most: there the fit is exact); ``rows`` itself when the init is unknown."""
     if init is None:
         return rows
-    c = float((rows * init).sum() / (init * init).sum())
-    return rows - c * init
+    keep = torch.ones(len(rows), dtype=torch.bool)
+    for _ in range(2):
+        c = float((rows[keep] * init[keep]).sum() / (init[keep] * init[keep]).sum())
+        learned = rows - c * init
+        keep = torch.ones(len(rows), dtype=torch.bool)
+        keep[learned.norm(dim=1).topk(min(used, len(rows) - 1)).indices] = False
+    return learned
 
 
 def _two_opt(d: np.ndarray, order: np.ndarray, rounds: int = 100) -> np.ndarray:
