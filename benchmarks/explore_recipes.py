@@ -123,7 +123,7 @@ def summary(results: dict) -> list[dict]:
             best = None
             for a in names:
                 for x in attacks.get(a, {}).get("rows", []):
-                    if x.get("variant") == "scratch":
+                    if x.get("variant") in ("scratch", "diagnostic"):  # not attacks: a baseline, a key-given check
                         continue
                     if best is None or x["attacker_accuracy"] > best[1]:
                         best = (f"{a}: {x['setting']}", x["attacker_accuracy"])

@@ -158,7 +158,7 @@ def test_cli_table_order(tmp_path, capsys):
     base = ["attack", "table-order", "--model", tmp_path / "run", "--key", tmp_path / "k.json", "--json"]
     assert main([str(a) for a in base]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["attack"] == "table-order" and len(doc["rows"]) == 3
+    assert doc["attack"] == "table-order" and len(doc["rows"]) == 3 and doc["rows"][-1]["variant"] == "diagnostic"
     assert all(0 <= r["attacker_accuracy"] <= 1 and 0 <= r["order_spearman"] <= 1 for r in doc["rows"])
     assert (
         main([str(a) for a in ["attack", "table-order", "--model", tmp_path / "per", "--key", tmp_path / "p.json"]])

@@ -328,6 +328,7 @@ def table_order_attack(
             if use_init and ref_name == refs[0][0]:
                 diag = _order_only(true_plan, true_codes, info["codes_by_value"], target)
                 diag_row = {
+                    "variant": "diagnostic",
                     "setting": "diagnostic (uses the key): recovered order + the key's shuffle, signs, direction",
                     "attacker_accuracy": accuracy(target, KeyedTransform(diag)),
                     **order_agreement(info["codes_by_value"], true_codes),
