@@ -24,7 +24,7 @@ from blockkey.attacks.registry import AttackData, run_attack
 from blockkey.checkpoint import load_model
 from blockkey.data import load_dataset, stratified_split, stratified_subset
 
-# name: (recipe, model, normalisation[, model kwargs])
+# name: (recipe, model, normalisation[, model kwargs[, train_recipe options, e.g. block_size]])
 CANDIDATES = {
     "none": (None, "patchnet", "position"),
     "shuffle-negpos-ffx": ("shuffle,negpos,ffx", "patchnet", "position"),
@@ -32,13 +32,39 @@ CANDIDATES = {
     "shuffle-negpos-ffxall-tablenet": ("shuffle,negpos,ffx-all", "tablenet", "none"),
     "inner": ("inner", "patchnet", "position", {"inner": True}),
     "shuffle-negpos-ffx-inner": ("shuffle,negpos,ffx,inner", "patchnet", "position", {"inner": True}),
+    # issue 11, defence C: FFX on every position with one value table shared by all positions
+    "shuffle-negpos-ffxall-shared8": ("shuffle,negpos,ffx-all", "tablenet", "none", {"shared": True, "value_dim": 8}),
+    "shuffle-negpos-ffxall-shared8-g3": (
+        "shuffle,negpos,ffx-all",
+        "tablenet",
+        "none",
+        {"shared": True, "value_dim": 8, "gain": 3.0},
+    ),
+    "shuffle-ffxall-shared8-g3": ("shuffle,ffx-all", "tablenet", "none", {"shared": True, "value_dim": 8, "gain": 3.0}),
+    "shuffle-negpos-ffxall-shared8-g3-m8": (
+        "shuffle,negpos,ffx-all",
+        "tablenet",
+        "none",
+        {"shared": True, "value_dim": 8, "gain": 3.0},
+        {"block_size": 8},
+    ),
 }
 FRACTION = 0.01
-ATTACKS = ["random-keys", "fine-tune", "adapter", "inner-align", "known-plaintext", "ciphertext-only"]
-WITHIN_THREAT_MODEL = ("random-keys", "fine-tune", "adapter", "inner-align")
+ATTACKS = [
+    "random-keys",
+    "fine-tune",
+    "adapter",
+    "inner-align",
+    "table-order",
+    "table-order-finetune",
+    "known-plaintext",
+    "ciphertext-only",
+]
+WITHIN_THREAT_MODEL = ("random-keys", "fine-tune", "adapter", "inner-align", "table-order", "table-order-finetune")
+SHARED_TABLE_ONLY = ("table-order", "table-order-finetune")  # attacks on tablenet(shared=True) alone
 
 
-FRACTION_ATTACKS = ("fine-tune", "adapter")  # the ones run again at each --fractions value
+FRACTION_ATTACKS = ("fine-tune", "adapter", "table-order-finetune")  # run again at each --fractions value
 
 
 def attack(name: str, target: Target, run: Path, train: Any, out: Path, fraction: float = FRACTION) -> AttackReport:
@@ -51,6 +77,12 @@ def attack(name: str, target: Target, run: Path, train: Any, out: Path, fraction
         "known-plaintext": {"pairs": [1], "pairs_from": "train"},
         "ciphertext-only": {"images": [100]},
     }
+    if name == "table-order-finetune":  # table-order's fine-tuning rows alone, one fraction at a time
+        from blockkey.attacks.table_order import table_order_finetune
+
+        return table_order_finetune(
+            target, train, [fraction], out / "table-order" / run.name / f"{fraction:g}", epochs=15
+        )
     return run_attack(name, target, AttackData(train, run_dir=run, progress=False), **settings.get(name, {}))
 
 
@@ -75,7 +107,7 @@ def summary(results: dict) -> list[dict]:
             best = None
             for a in names:
                 for x in attacks.get(a, {}).get("rows", []):
-                    if a == "fine-tune" and x["variant"] == "scratch":
+                    if x.get("variant") in ("scratch", "diagnostic"):  # not attacks: a baseline, a key-given check
                         continue
                     if best is None or x["attacker_accuracy"] > best[1]:
                         best = (f"{a}: {x['setting']}", x["attacker_accuracy"])
@@ -86,30 +118,45 @@ def summary(results: dict) -> list[dict]:
     return rows
 
 
+def _fraction_cells(r: dict) -> dict[float, dict]:
+    """Per labelled-data fraction: the best attack on the stolen weights and scratch (same candidate)."""
+    per: dict[float, dict] = {}
+    for a, rep in r.get("attacks", {}).items():
+        base, _, frac = a.partition("@")
+        if base not in FRACTION_ATTACKS:
+            continue
+        cell = per.setdefault(float(frac) if frac else FRACTION, {"best": None, "scratch": None})
+        for x in rep.get("rows", []):
+            if x.get("variant") == "scratch":
+                cell["scratch"] = max(cell["scratch"] or 0.0, x["attacker_accuracy"])
+            elif cell["best"] is None or x["attacker_accuracy"] > cell["best"][1]:
+                cell["best"] = (f"{base}: {x['setting']}", x["attacker_accuracy"])
+    return per
+
+
 def advantage_table(results: dict) -> str:
-    """The stolen advantage per labelled-data fraction: best attack on the stolen weights minus scratch."""
+    """The stolen advantage per labelled-data fraction: best attack on the stolen weights minus scratch (the
+    candidate's own architecture), and minus the best scratch of any candidate's architecture at that fraction."""
+    cells = {name: _fraction_cells(r) for name, r in results.items()}
+    best_scratch: dict[float, float] = {}
+    for per in cells.values():
+        for frac, c in per.items():
+            if c["scratch"] is not None:
+                best_scratch[frac] = max(best_scratch.get(frac, 0.0), c["scratch"])
     lines = [
-        "| candidate | data | best attack on the stolen weights | scratch | stolen advantage |",
-        "|---|---:|---|---:|---:|",
+        "| candidate | data | best attack on the stolen weights | scratch | stolen advantage "
+        "| best scratch, any architecture | advantage over it |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
-    for name, r in results.items():
-        per: dict[float, dict] = {}
-        for a, rep in r.get("attacks", {}).items():
-            base, _, frac = a.partition("@")
-            if base not in FRACTION_ATTACKS:
-                continue
-            cell = per.setdefault(float(frac) if frac else FRACTION, {"best": None, "scratch": None})
-            for x in rep.get("rows", []):
-                if x.get("variant") == "scratch":
-                    cell["scratch"] = x["attacker_accuracy"]
-                elif cell["best"] is None or x["attacker_accuracy"] > cell["best"][1]:
-                    cell["best"] = (f"{base}: {x['setting']}", x["attacker_accuracy"])
+    for name, per in cells.items():
         for frac, c in sorted(per.items()):
             if c["best"] is None or c["scratch"] is None:
                 continue
             adv = 100 * (c["best"][1] - c["scratch"])
+            top = best_scratch[frac]
             lines.append(
-                f"| {name} | {frac:.0%} | {c['best'][1]:.1%} ({c['best'][0]}) | {c['scratch']:.1%} | {adv:+.1f} pts |"
+                f"| {name} | {frac:.0%} | {c['best'][1]:.1%} ({c['best'][0]}) | {c['scratch']:.1%} | {adv:+.1f} pts "
+                f"| {top:.1%} | {100 * (c['best'][1] - top):+.1f} pts |"
             )
     return "\n".join(lines)
 
@@ -209,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                     wrong_keys=20,
                     norm=norm,
                     model_kwargs=extra[0] if extra else None,
+                    **(extra[1] if len(extra) > 1 else {}),
                 )
                 store.put(name, entry)
             if recipe is None:
@@ -224,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name}: {slot} ...", flush=True)
                 if a == "adapter" and model_name == "tablenet":
                     rep = {"skipped": "no gradient through the table lookup (first-layer fine-tuning is its analogue)"}
+                elif a in SHARED_TABLE_ONLY and not (extra and extra[0].get("shared")):
+                    continue  # not a shared value table: nothing to order
                 else:
                     try:
                         rep = attack(a, target, out / name, train, out, fraction).to_json()

@@ -10,6 +10,7 @@
   learnt embedding row, summed over the block. Every key step (shuffle, negpos, FFX) is a
   relabelling of those pairs, so training on keyed images, even with FFX on every position, is
   distributed exactly like plain training. Train it with ``norm="none"`` (it reads raw [0, 1] values).
+- ``tablenet_shared``: tablenet with one value table shared by every block position (for ``ffx-all`` keys).
 - ``convmixer``: ConvMixer (Trockman & Kolter 2022) with patch = the key's block size.
 - ``vit``: a small "simple ViT" (Beyer et al. 2022: fixed 2-D sin-cos positions, mean pooling),
   patch = the key's block size, any image size divisible by the patch.
@@ -330,6 +331,11 @@ class TableEmbed(nn.Module):
     Input: raw values in [0, 1] (no normalisation): ``v / 255`` for clear pixels, ``c / 999`` for FFX
     codes. ``bin = round(x * 999)`` is injective on both (``round(999 v / 255)`` and ``c``), so a pixel
     value and an FFX code each get their own row. Rows a position never sees keep their (decayed) init.
+
+    ``shared=True``: one 1000-row table for every position (``table[bin(x_k)]``; the mix still has a
+    column block per position). With one FFX password every position uses the same code table, so each
+    row then sees ``L`` times the data (issue 11, defence C). ``gain``: rows are ``gain * weight`` with
+    ``weight`` drawn ``N(0, 1 / gain^2)``: the same init, ``gain^2`` times the table's effective learning rate.
     """
 
     BINS = 1000
@@ -337,13 +343,17 @@ class TableEmbed(nn.Module):
     # buffers (registered in __init__)
     offsets: Tensor
 
-    def __init__(self, in_channels: int, patch: int, dim: int, value_dim: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, patch: int, dim: int, value_dim: int = 1, shared: bool = False, gain: float = 1.0
+    ) -> None:
         super().__init__()
         self.patch, self.length, self.value_dim = patch, patch * patch * in_channels, value_dim
-        self.table = nn.Embedding(self.length * self.BINS, value_dim)
-        nn.init.normal_(self.table.weight)
+        self.shared, self.gain = shared, gain
+        self.table = nn.Embedding(self.BINS if shared else self.length * self.BINS, value_dim)
+        nn.init.normal_(self.table.weight, std=1.0 / gain)  # rows = gain * weight: N(0, 1) either way
         self.mix = nn.Linear(self.length * value_dim, dim, bias=False)
-        self.register_buffer("offsets", torch.arange(self.length) * self.BINS, persistent=False)
+        offsets = torch.zeros(self.length, dtype=torch.long) if shared else torch.arange(self.length) * self.BINS
+        self.register_buffer("offsets", offsets, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .functional import to_blocks
@@ -352,6 +362,8 @@ class TableEmbed(nn.Module):
         blocks = to_blocks(bins, self.patch)  # (B, H/M, W/M, L)
         b, gh, gw, length = blocks.shape
         values = self.table(blocks + self.offsets).reshape(b, gh, gw, length * self.value_dim)
+        if self.gain != 1.0:
+            values = values * self.gain
         return self.mix(values).permute(0, 3, 1, 2)
 
 
@@ -363,9 +375,11 @@ class TableNet(PatchNet):
         patch: int = 4,
         widths: tuple[int, ...] = (128, 256, 256),
         value_dim: int = 1,
+        shared: bool = False,
+        gain: float = 1.0,
     ) -> None:
         super().__init__(num_classes, in_channels, patch, widths)
-        self.embed[0] = TableEmbed(in_channels, patch, widths[0], value_dim)
+        self.embed[0] = TableEmbed(in_channels, patch, widths[0], value_dim, shared, gain)
 
     @property
     def patch_embed(self) -> nn.Module:  # not a convolution: rekey refuses it
@@ -374,11 +388,30 @@ class TableNet(PatchNet):
 
 @register_model
 def tablenet(
-    num_classes: int, in_channels: int = 3, patch: int = 4, width: float = 1.0, value_dim: int = 1
+    num_classes: int,
+    in_channels: int = 3,
+    patch: int = 4,
+    width: float = 1.0,
+    value_dim: int = 1,
+    shared: bool = False,
+    gain: float = 1.0,
 ) -> nn.Module:
-    """Patchnet with a lookup-table stem (train with ``norm="none"``); patch = the key's block size."""
+    """Patchnet with a lookup-table stem (train with ``norm="none"``); patch = the key's block size.
+    ``shared``: one value table for every block position; ``gain``: the table's learning-rate scale
+    (:class:`TableEmbed`)."""
     widths = tuple(max(8, round(w * width)) for w in (128, 256, 256))
-    return TableNet(num_classes, in_channels, patch, widths, value_dim)
+    return TableNet(num_classes, in_channels, patch, widths, value_dim, shared, gain)
+
+
+@register_model
+def tablenet_shared(
+    num_classes: int, in_channels: int = 3, patch: int = 4, width: float = 1.0, value_dim: int = 8, gain: float = 3.0
+) -> nn.Module:
+    """``tablenet(shared=True, value_dim=8, gain=3)``: one value table for every block position, for keys with
+    FFX on every position (``ffx-all``: one code table for all positions). docs/attacks.md measures what its
+    weights reveal (``blockkey attack table-order``)."""
+    widths = tuple(max(8, round(w * width)) for w in (128, 256, 256))
+    return TableNet(num_classes, in_channels, patch, widths, value_dim, True, gain)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ filters), so the correlation matrix of the stolen columns is a relabelled copy o
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import time
 from collections.abc import Callable
@@ -51,6 +52,7 @@ __all__ = [
     "WeightsOnlySettings",
     "embedding_columns",
     "image_reference",
+    "load_reference",
     "model_reference",
     "recover_key_weights_only",
     "weights_only_attack",
@@ -385,14 +387,20 @@ class WeightsOnlySettings:
     reference_name: str | None = None
 
 
+def load_reference(run_dir: str | os.PathLike[str]) -> nn.Module:
+    """The thief's own plain model (``--reference``) for the weights-only matchers; refuses a protected one."""
+    from ..checkpoint import load_model
+
+    ref, ref_meta = load_model(run_dir)
+    if ref_meta.get("key") is not None:
+        raise BlockkeyError(f"--reference {run_dir} is protected; the reference must be a plain model")
+    return ref
+
+
 def _run(target: Target, data: AttackData, s: WeightsOnlySettings) -> AttackReport:
     ref, name = s.reference_model, s.reference_name
     if ref is None and s.reference:
-        from ..checkpoint import load_model
-
-        ref, ref_meta = load_model(s.reference)
-        if ref_meta.get("key") is not None:
-            raise BlockkeyError(f"--reference {s.reference} is protected; the reference must be a plain model")
+        ref = load_reference(s.reference)
     name = name or f"plain model {s.reference}"
     return weights_only_attack(target, data.train, reference_model=ref, reference_name=name, seed=s.seed)  # type: ignore[arg-type]
 
