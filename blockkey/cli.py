@@ -495,7 +495,17 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if not args.output:
             raise BlockkeyError("fine-tune writes one run per variant: give -o OUTDIR")
         report = finetune_attack(
-            target, args.model, train, args.fractions, args.output, epochs=args.epochs, seed=args.seed
+            target,
+            args.model,
+            train,
+            args.fractions,
+            args.output,
+            epochs=args.epochs,
+            seed=args.seed,
+            layers=args.layers,
+            lrs=args.lrs,
+            scratch_lrs=args.scratch_lrs,
+            optimizer=args.optimizer,
         )
     elif args.attack == "weights-only":
         from .attacks.weights_only import weights_only_attack
@@ -858,6 +868,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs", type=at.EPOCHS, default=30, help="adapter, fine-tune: training epochs (default %(default)s)"
     )
     sp.add_argument("-o", "--output", type=at.output_path, help="fine-tune: folder for the attacker's runs")
+    sp.add_argument(
+        "--layers",
+        type=at.train_layers,
+        nargs="+",
+        default=["all", "first", "last"],
+        help="fine-tune: what each variant trains: all, first, last or block:N (default: all first last)",
+    )
+    sp.add_argument(
+        "--lrs", type=at.LEARNING_RATE, nargs="+", help="fine-tune: learning rates to sweep (default 0.05; best kept)"
+    )
+    sp.add_argument(
+        "--scratch-lrs", type=at.LEARNING_RATE, nargs="+", help="fine-tune: scratch's learning rates (default 0.2)"
+    )
+    sp.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="fine-tune: optimiser (default sgd)")
     sp.add_argument(
         "--reference",
         type=at.path_name,
