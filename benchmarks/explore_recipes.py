@@ -39,7 +39,10 @@ CANDIDATES = {
     "shuffle-negpos-ffxall-tablenet": ("shuffle,negpos,ffx-all", "tablenet", "none"),
     "inner": ("inner", "patchnet", "position", {"inner": True}),
     "shuffle-negpos-ffx-inner": ("shuffle,negpos,ffx,inner", "patchnet", "position", {"inner": True}),
+    # Defence B: fine-tuning suppression (blockkey.suppress) after the `inner` candidate's training
+    "inner-suppress": ("inner", "patchnet", "position", {"inner": True}, {"harden_from": "inner"}),
 }
+SUPPRESS = {"alpha": 2.0, "steps": 3, "epochs": 1}  # blockkey.suppress.SuppressConfig fields for harden_from
 FRACTION = 0.01
 ATTACKS = ["random-keys", "fine-tune", "adapter", "inner-align", "known-plaintext", "ciphertext-only"]
 WITHIN_THREAT_MODEL = ("random-keys", "fine-tune", "adapter", "inner-align")
@@ -66,6 +69,31 @@ def attack(name: str, target: Target, run: Path, train, out: Path, fraction: flo
     raise ValueError(name)
 
 
+def harden_candidate(out: Path, name: str, source: str, train, val) -> dict:
+    """A candidate made by fine-tuning suppression of the finished candidate ``source`` (same key)."""
+    import shutil
+
+    from blockkey.evaluate import evaluate_run
+    from blockkey.suppress import SuppressConfig, harden
+
+    if not (out / source / "meta.json").exists():
+        raise SystemExit(f"{name} starts from {source}: run --only {source} first")
+    shutil.copy2(out / f"{source}.key.json", out / f"{name}.key.json")
+    key = KeySet.load(out / f"{name}.key.json")
+    cfg = SuppressConfig(**SUPPRESS)
+    meta = harden(out / source, key, train, out / name, cfg, val=val)
+    report = evaluate_run(out / name, val, key, wrong_keys=20, progress=False)
+    print(report.to_markdown(), flush=True)
+    return {
+        "model": meta["model"],
+        "model_kwargs": meta["model_kwargs"],
+        "suppress": {k: v for k, v in meta["suppress"].items() if k != "history"},
+        "history": meta["suppress"]["history"],
+        "eval": report.to_json(),
+        "key_fingerprint": key.fingerprint,
+    }
+
+
 def summary(results: dict) -> list[dict]:
     """One row per candidate: key-holder accuracy, its cost, and the best attack in / beyond the threat model."""
     base = results.get("none", {}).get("train", {}).get("eval", {}).get("rows", [{}])[0].get("accuracy")
@@ -82,7 +110,7 @@ def summary(results: dict) -> list[dict]:
         }
         attacks = r.get("attacks", {})
         ft = attacks.get("fine-tune", {}).get("rows", [])
-        row["scratch"] = next((x["attacker_accuracy"] for x in ft if x["variant"] == "scratch"), None)
+        row["scratch"] = max((x["attacker_accuracy"] for x in ft if x["variant"] == "scratch"), default=None)
         for group, names in (("threat", WITHIN_THREAT_MODEL), ("beyond", ("known-plaintext", "ciphertext-only"))):
             best = None
             for a in names:
@@ -112,8 +140,8 @@ def advantage_table(results: dict) -> str:
                 continue
             cell = per.setdefault(float(frac) if frac else FRACTION, {"best": None, "scratch": None})
             for x in rep.get("rows", []):
-                if x.get("variant") == "scratch":
-                    cell["scratch"] = x["attacker_accuracy"]
+                if x.get("variant") == "scratch":  # scratch at its best learning rate when it swept several
+                    cell["scratch"] = max(cell["scratch"] or 0.0, x["attacker_accuracy"])
                 elif cell["best"] is None or x["attacker_accuracy"] > cell["best"][1]:
                     cell["best"] = (f"{base}: {x['setting']}", x["attacker_accuracy"])
         for frac, c in sorted(per.items()):
@@ -205,6 +233,7 @@ def main() -> None:
         default=[],
         help=f"also run {', '.join(FRACTION_ATTACKS)} with these shares of the labelled data (besides 1%%)",
     )
+    ap.add_argument("--attacks", nargs="*", choices=ATTACKS, help="only these attacks (default: all)")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
@@ -219,6 +248,9 @@ def main() -> None:
         for name in args.only or list(CANDIDATES):
             recipe, model_name, norm, *extra = CANDIDATES[name]
             entry = results.setdefault(name, {})
+            if "train" not in entry and extra[1:] and "harden_from" in extra[1]:
+                entry["train"] = harden_candidate(out, name, extra[1]["harden_from"], train, val)
+                _save(path, name, entry)
             if "train" not in entry:
                 entry["train"] = train_recipe(
                     out,
@@ -236,8 +268,11 @@ def main() -> None:
                 _save(path, name, entry)
             if recipe is None:
                 continue
-            todo = [(a, FRACTION, a) for a in ATTACKS]
-            todo += [(a, f, f"{a}@{f}") for f in args.fractions if f != FRACTION for a in FRACTION_ATTACKS]
+            attacks = args.attacks if args.attacks is not None else ATTACKS
+            todo = [(a, FRACTION, a) for a in attacks]
+            todo += [
+                (a, f, f"{a}@{f}") for f in args.fractions if f != FRACTION for a in FRACTION_ATTACKS if a in attacks
+            ]
             for a, fraction, slot in todo:
                 if slot in entry.setdefault("attacks", {}):
                     continue
