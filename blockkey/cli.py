@@ -433,6 +433,44 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_harden(args: argparse.Namespace) -> int:
+    """Fine-tuning suppression (blockkey.suppress) of a keyed run into a new run directory."""
+    from .checkpoint import read_meta
+    from .evaluate import align_classes
+    from .suppress import SuppressConfig, harden
+
+    meta = read_meta(args.model)
+    key = KeySet.load(args.key)
+    spec = args.data or meta.get("data", {}).get("source")
+    if not spec:
+        raise BlockkeyError("--data is needed (the run does not record its data source)")
+    data = align_classes(_load_data(spec, train=True, root=args.data_root), meta["classes"])
+    train, val = _run_split(data, meta)
+    cfg = SuppressConfig(
+        alpha=args.alpha,
+        steps=args.steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        thief_batch=args.thief_batch,
+        lr=args.lr,
+        thief_lrs=tuple(args.thief_lrs),
+        thief_layers=tuple(args.thief_layers),
+        thief_optimizers=tuple(args.thief_optimizers),
+        thief_loss=args.thief_loss,
+        plain_weight=args.plain_weight,
+        seed=args.seed,
+    )
+    new = harden(args.model, key, train, args.output, cfg, val=val, device=args.device)
+    info = new["suppress"]
+    last = info["history"][-1]
+    text = (
+        f"wrote {args.output}: key holder {last['val_holder']:.1%}, plain images {last['val_plain']:.1%} "
+        f"(held-out); {info['seconds']:.0f} s, {info['time_factor']:.1f}x a key-holder step"
+    )
+    _emit(args, {"run": args.output, **info}, text)
+    return 0
+
+
 def cmd_rekey(args: argparse.Namespace) -> int:
     from .rekey import rekey_run
 
@@ -902,6 +940,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--plot", type=at.output_path, help="write a PNG plot of attacker accuracy here")
     sp.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     sp.set_defaults(func=cmd_attack)
+
+    sp = add("harden", "fine-tuning suppression (SOPHON-style): make a keyed model harder for a thief to fine-tune")
+    sp.add_argument("--model", type=at.path_name, required=True, metavar="RUN_DIR", help="a keyed run directory")
+    sp.add_argument("--key", type=at.existing_file, required=True, help="the model's key file")
+    sp.add_argument("-o", "--output", type=at.output_path, required=True, metavar="RUN_DIR2", help="new run directory")
+    sp.add_argument("--data", type=at.data_source, help="the run's data source (default: as recorded)")
+    sp.add_argument("--data-root", type=at.output_path, help="where torchvision datasets live / are downloaded")
+    sp.add_argument("--alpha", type=at.NON_NEGATIVE, default=2.0, help="weight of the thief's loss (default 2)")
+    sp.add_argument("--steps", type=at.COUNT, default=3, help="the simulated thief's steps per outer step (default 3)")
+    sp.add_argument("--epochs", type=at.EPOCHS, default=1, help="passes over the training data (default 1)")
+    sp.add_argument("--lr", type=at.LEARNING_RATE, default=0.01, help="outer learning rate (default 0.01)")
+    sp.add_argument("--batch-size", type=at.BATCH_SIZE, default=128, help="key holder's batch (default 128)")
+    sp.add_argument("--thief-batch", type=at.BATCH_SIZE, default=64, help="the thief's batch (default 64)")
+    sp.add_argument(
+        "--thief-lrs", type=at.LEARNING_RATE, nargs="+", default=[0.01, 0.05], help="the thief's SGD learning rates"
+    )
+    sp.add_argument(
+        "--thief-layers", type=at.train_layers, nargs="+", default=["all", "first", "last"], help="what he trains"
+    )
+    sp.add_argument("--thief-optimizers", nargs="+", choices=["sgd", "adam"], default=["sgd"], help="his optimisers")
+    sp.add_argument("--thief-loss", choices=["inverse-ce", "uniform"], default="inverse-ce", help="what is pushed up")
+    sp.add_argument(
+        "--plain-weight", type=at.NON_NEGATIVE, default=1.0, help="weight of keeping plain images at chance"
+    )
+    sp.add_argument("--seed", type=at.SEED, default=0, help="batch order and the thief's draws (default 0)")
+    sp.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    sp.set_defaults(func=cmd_harden)
 
     sp = add("convert", "protect a plain-trained block-aligned model with a shuffle/negpos key, without training")
     sp.add_argument(
