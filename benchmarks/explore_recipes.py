@@ -40,9 +40,11 @@ CANDIDATES = {
     "inner": ("inner", "patchnet", "position", {"inner": True}),
     "shuffle-negpos-ffx-inner": ("shuffle,negpos,ffx,inner", "patchnet", "position", {"inner": True}),
     # Defence B: fine-tuning suppression (blockkey.suppress) after the `inner` candidate's training
-    "inner-suppress": ("inner", "patchnet", "position", {"inner": True}, {"harden_from": "inner"}),
+    # (then SuppressConfig fields: alpha, thief steps, epochs of suppression)
+    "inner-suppress": ("inner", "patchnet", "position", {"inner": True}, {"harden_from": "inner", "epochs": 1}),
+    "inner-suppress3": ("inner", "patchnet", "position", {"inner": True}, {"harden_from": "inner", "epochs": 3}),
 }
-SUPPRESS = {"alpha": 2.0, "steps": 3, "epochs": 1}  # blockkey.suppress.SuppressConfig fields for harden_from
+SUPPRESS = {"alpha": 2.0, "steps": 3}  # blockkey.suppress.SuppressConfig fields every harden_from candidate shares
 FRACTION = 0.01
 ATTACKS = ["random-keys", "fine-tune", "adapter", "inner-align", "known-plaintext", "ciphertext-only"]
 WITHIN_THREAT_MODEL = ("random-keys", "fine-tune", "adapter", "inner-align")
@@ -69,8 +71,9 @@ def attack(name: str, target: Target, run: Path, train, out: Path, fraction: flo
     raise ValueError(name)
 
 
-def harden_candidate(out: Path, name: str, source: str, train, val) -> dict:
-    """A candidate made by fine-tuning suppression of the finished candidate ``source`` (same key)."""
+def harden_candidate(out: Path, name: str, source: str, train, val, **config) -> dict:
+    """A candidate made by fine-tuning suppression of the finished candidate ``source`` (same key);
+    ``config``: :class:`~blockkey.suppress.SuppressConfig` fields over :data:`SUPPRESS`."""
     import shutil
 
     from blockkey.evaluate import evaluate_run
@@ -80,7 +83,7 @@ def harden_candidate(out: Path, name: str, source: str, train, val) -> dict:
         raise SystemExit(f"{name} starts from {source}: run --only {source} first")
     shutil.copy2(out / f"{source}.key.json", out / f"{name}.key.json")
     key = KeySet.load(out / f"{name}.key.json")
-    cfg = SuppressConfig(**SUPPRESS)
+    cfg = SuppressConfig(**(SUPPRESS | config))
     meta = harden(out / source, key, train, out / name, cfg, val=val)
     report = evaluate_run(out / name, val, key, wrong_keys=20, progress=False)
     print(report.to_markdown(), flush=True)
@@ -249,7 +252,8 @@ def main() -> None:
             recipe, model_name, norm, *extra = CANDIDATES[name]
             entry = results.setdefault(name, {})
             if "train" not in entry and extra[1:] and "harden_from" in extra[1]:
-                entry["train"] = harden_candidate(out, name, extra[1]["harden_from"], train, val)
+                spec = dict(extra[1])
+                entry["train"] = harden_candidate(out, name, spec.pop("harden_from"), train, val, **spec)
                 _save(path, name, entry)
             if "train" not in entry:
                 entry["train"] = train_recipe(

@@ -63,7 +63,7 @@ def run_one(args, results, path, slot, target, run, train, frac, seed, optimizer
         optimizer=optimizer,
         progress=False,
     )
-    results[slot] = {**rep.to_json(), "wall_seconds": round(time.perf_counter() - t0, 1)}
+    results[slot] = {**rep.to_json(), "wall_seconds": round(time.perf_counter() - t0, 1), "tag": args.tag}
     _save(path, {slot: results[slot]})
     best = max(rep.rows, key=lambda r: r["attacker_accuracy"])
     print(f"{slot}: best {best['setting']} {best['attacker_accuracy']:.1%}", flush=True)
@@ -75,15 +75,15 @@ def table(results: dict) -> str:
     for slot, rep in results.items():
         name, frac, seed, opt = slot.split("|")
         best = max(rep["rows"], key=lambda r: r["attacker_accuracy"])
-        cells.setdefault((name, float(frac), opt), {})[int(seed)] = best
+        cells.setdefault((name, float(frac), opt, rep.get("tag", "")), {})[int(seed)] = best
     lines = [
         "| candidate | data | optimiser | seeds | best stolen (setting, seed 0) | best scratch | stolen advantage |",
         "|---|---:|---|---:|---|---:|---:|",
     ]
-    for (name, frac, opt), by_seed in sorted(cells.items()):
-        if name == "scratch":
+    for (name, frac, opt, tag), by_seed in sorted(cells.items()):
+        if name.startswith("scratch"):
             continue
-        scratch = cells.get(("scratch", frac, opt), {})
+        scratch = cells.get((f"scratch{tag}", frac, opt, tag), cells.get(("scratch", frac, opt, ""), {}))
         seeds = sorted(s for s in by_seed if s in scratch)
         if not seeds:
             continue
@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="appended to the candidate name in the results (e.g. unseen settings)")
     ap.add_argument("--train-images", type=int, default=10000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--merge", nargs="*", default=[], help="other results.json files to tabulate with these")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -135,10 +136,12 @@ def main() -> None:
                         model, meta = load_model(explore / name)
                         target = Target(model, meta, KeySet.load(explore / f"{name}.key.json"), val)
                         if i == 0 and not args.no_scratch:
-                            slot = f"scratch|{frac:g}|{seed}|{opt}"
+                            slot = f"scratch{args.tag}|{frac:g}|{seed}|{opt}"
                             run_one(args, results, path, slot, target, explore / name, train, frac, seed, opt, True)
                         slot = f"{name}{args.tag}|{frac:g}|{seed}|{opt}"
                         run_one(args, results, path, slot, target, explore / name, train, frac, seed, opt, False)
+    for extra in args.merge:  # e.g. the scratch runs of another sweep folder
+        results = json.loads(Path(extra).read_text()) | results
     print(table(results))
 
 
