@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from . import argtypes as at
 from .checkpoint import CheckpointError, load_model, save_run
-from .data import Data, Normalize, make_loader
+from .data import Data, DataError, Normalize, make_loader
 from .errors import KeyMismatchError, OptionError
 from .inner import use_inner_key
 from .keys import KeySet
@@ -253,6 +253,10 @@ def harden(
     plain = _batches(
         make_loader(train, cfg.thief_batch, train=True, transform=None, normalize=normalize, seed=cfg.seed + 1, **aug)
     )
+    if len(keyed) == 0:
+        raise DataError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size}")
+    for layers in cfg.thief_layers:
+        trainable_parameters(model, layers)  # a block the model lacks is refused before any step
     groups = [
         {"params": [p for p in model.parameters() if p.dim() > 1], "weight_decay": cfg.weight_decay},
         {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0},
