@@ -76,6 +76,9 @@ def table(results: dict) -> str:
         name, frac, seed, opt = slot.split("|")
         best = max(rep["rows"], key=lambda r: r["attacker_accuracy"])
         cells.setdefault((name, float(frac), opt, rep.get("tag", "")), {})[int(seed)] = best
+        anyopt = cells.setdefault((name, float(frac), "any", rep.get("tag", "")), {})  # best over optimisers too
+        if int(seed) not in anyopt or best["attacker_accuracy"] > anyopt[int(seed)]["attacker_accuracy"]:
+            anyopt[int(seed)] = best
     lines = [
         "| candidate | data | optimiser | seeds | best stolen (setting, seed 0) | best scratch | stolen advantage |",
         "|---|---:|---|---:|---|---:|---:|",
@@ -94,7 +97,7 @@ def table(results: dict) -> str:
         spread = f" (range {min(adv):+.1f} to {max(adv):+.1f})" if len(adv) > 1 else ""
         lines.append(
             f"| {name} | {frac:.0%} | {opt} | {len(seeds)} | {statistics.mean(stolen):.1%} "
-            f"({first['variant']}, lr {first['lr']:g}) | {statistics.mean(base):.1%} "
+            f"({first['variant']}, {first.get('optimizer', 'sgd')} lr {first['lr']:g}) | {statistics.mean(base):.1%} "
             f"| {statistics.mean(adv):+.1f} pts{spread} |"
         )
     return "\n".join(lines)
@@ -140,8 +143,9 @@ def main() -> None:
                             run_one(args, results, path, slot, target, explore / name, train, frac, seed, opt, True)
                         slot = f"{name}{args.tag}|{frac:g}|{seed}|{opt}"
                         run_one(args, results, path, slot, target, explore / name, train, frac, seed, opt, False)
-    for extra in args.merge:  # e.g. the scratch runs of another sweep folder
-        results = json.loads(Path(extra).read_text()) | results
+    for extra in args.merge:  # other sweep folders: rows of the same slot join (e.g. a wider learning-rate grid)
+        for slot, rep in json.loads(Path(extra).read_text()).items():
+            results[slot] = {**rep, "rows": results[slot]["rows"] + rep["rows"]} if slot in results else rep
     print(table(results))
 
 
