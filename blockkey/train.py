@@ -68,9 +68,7 @@ class TrainConfig:
     crop_padding: int = 4
     flip: bool = True
     init_from: str | None = None  # a run directory whose weights start training (fine-tuning)
-    train_layers: str = (
-        "all"  # all | first (the first layer with weights) | last (the head) | block:N (see freeze_except)
-    )
+    train_layers: str = "all"  # all | first (first layer with weights) | last (the head) | block:N (layer_blocks)
     optimizer: str = "sgd"  # sgd (Nesterov momentum) | adam (AdamW: decoupled weight decay)
     sign_loss: float = 1.0  # weight of the passport sign loss (passport models only)
 
