@@ -48,7 +48,12 @@ CANDIDATES = {
         {"shared": True, "value_dim": 8, "gain": 3.0},
         {"block_size": 8},
     ),
+    # Defence B: fine-tuning suppression (blockkey.suppress) after the `inner` candidate's training
+    # (then SuppressConfig fields: alpha, thief steps, epochs of suppression)
+    "inner-suppress": ("inner", "patchnet", "position", {"inner": True}, {"harden_from": "inner", "epochs": 1}),
+    "inner-suppress3": ("inner", "patchnet", "position", {"inner": True}, {"harden_from": "inner", "epochs": 3}),
 }
+SUPPRESS = {"alpha": 2.0, "steps": 3}  # blockkey.suppress.SuppressConfig fields every harden_from candidate shares
 FRACTION = 0.01
 ATTACKS = [
     "random-keys",
@@ -86,6 +91,32 @@ def attack(name: str, target: Target, run: Path, train: Any, out: Path, fraction
     return run_attack(name, target, AttackData(train, run_dir=run, progress=False), **settings.get(name, {}))
 
 
+def harden_candidate(out: Path, name: str, source: str, train, val, **config) -> dict:
+    """A candidate made by fine-tuning suppression of the finished candidate ``source`` (same key);
+    ``config``: :class:`~blockkey.suppress.SuppressConfig` fields over :data:`SUPPRESS`."""
+    import shutil
+
+    from blockkey.evaluate import evaluate_run
+    from blockkey.suppress import SuppressConfig, harden
+
+    if not (out / source / "meta.json").exists():
+        raise SystemExit(f"{name} starts from {source}: run --only {source} first")
+    shutil.copy2(out / f"{source}.key.json", out / f"{name}.key.json")
+    key = KeySet.load(out / f"{name}.key.json")
+    cfg = SuppressConfig(**(SUPPRESS | config))
+    meta = harden(out / source, key, train, out / name, cfg, val=val)
+    report = evaluate_run(out / name, val, key, wrong_keys=20, progress=False)
+    print(report.to_markdown(), flush=True)
+    return {
+        "model": meta["model"],
+        "model_kwargs": meta["model_kwargs"],
+        "suppress": {k: v for k, v in meta["suppress"].items() if k != "history"},
+        "history": meta["suppress"]["history"],
+        "eval": report.to_json(),
+        "key_fingerprint": key.fingerprint,
+    }
+
+
 def summary(results: dict) -> list[dict]:
     """One row per candidate: key-holder accuracy, its cost, and the best attack in / beyond the threat model."""
     base = results.get("none", {}).get("train", {}).get("eval", {}).get("rows", [{}])[0].get("accuracy")
@@ -102,7 +133,7 @@ def summary(results: dict) -> list[dict]:
         }
         attacks = r.get("attacks", {})
         ft = attacks.get("fine-tune", {}).get("rows", [])
-        row["scratch"] = next((x["attacker_accuracy"] for x in ft if x["variant"] == "scratch"), None)
+        row["scratch"] = max((x["attacker_accuracy"] for x in ft if x["variant"] == "scratch"), default=None)
         for group, names in (("threat", WITHIN_THREAT_MODEL), ("beyond", ("known-plaintext", "ciphertext-only"))):
             best = None
             for a in names:
@@ -230,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help=f"also run {', '.join(FRACTION_ATTACKS)} with these shares of the labelled data (besides 1%%)",
     )
+    ap.add_argument("--attacks", nargs="*", choices=ATTACKS, help="only these attacks (default: all)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -243,6 +275,10 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.only or list(CANDIDATES):
             recipe, model_name, norm, *extra = CANDIDATES[name]
             entry = results.setdefault(name, {})
+            if "train" not in entry and extra[1:] and "harden_from" in extra[1]:
+                spec = dict(extra[1])
+                entry["train"] = harden_candidate(out, name, spec.pop("harden_from"), train, val, **spec)
+                store.put(name, entry)
             if "train" not in entry:
                 entry["train"] = bench.train_recipe(
                     out,
@@ -261,8 +297,11 @@ def main(argv: list[str] | None = None) -> None:
                 store.put(name, entry)
             if recipe is None:
                 continue
-            todo = [(a, FRACTION, a) for a in ATTACKS]
-            todo += [(a, f, f"{a}@{f}") for f in args.fractions if f != FRACTION for a in FRACTION_ATTACKS]
+            attacks = args.attacks if args.attacks is not None else ATTACKS
+            todo = [(a, FRACTION, a) for a in attacks]
+            todo += [
+                (a, f, f"{a}@{f}") for f in args.fractions if f != FRACTION for a in FRACTION_ATTACKS if a in attacks
+            ]
             for a, fraction, slot in todo:
                 if slot in entry.setdefault("attacks", {}):
                     continue

@@ -49,11 +49,13 @@ __all__ = [
     "Int",
     "Parser",
     "RangeHelpFormatter",
+    "check_train_layers",
     "data_source",
     "device",
     "existing_file",
     "output_path",
     "path_name",
+    "train_layers",
 ]
 
 MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
@@ -251,3 +253,20 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> Any:  # argparse's contract: does not return
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def check_train_layers(which: Any) -> str:
+    """What fine-tuning trains: ``all``, ``first``, ``last`` or ``block:N`` (N >= 0; the model's count is
+    checked on use)."""
+    head, _, n = str(which).partition(":")
+    if which in ("all", "first", "last") or (head == "block" and n.isdigit()):
+        return str(which)
+    raise OptionError(f"train_layers must be all, first, last or block:N (N = 0, 1, ...); got {which!r}")
+
+
+def train_layers(text: str) -> str:
+    """argparse type of :func:`check_train_layers`."""
+    try:
+        return check_train_layers(text)
+    except OptionError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -438,6 +438,44 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_harden(args: argparse.Namespace) -> int:
+    """Fine-tuning suppression (blockkey.suppress) of a keyed run into a new run directory."""
+    from .checkpoint import read_meta
+    from .evaluate import align_classes
+    from .suppress import SuppressConfig, harden
+
+    meta = read_meta(args.model)
+    key = KeySet.load(args.key)
+    spec = args.data or meta.get("data", {}).get("source")
+    if not spec:
+        raise BlockkeyError("--data is needed (the run does not record its data source)")
+    data = align_classes(_load_data(spec, train=True, root=args.data_root), meta["classes"])
+    train, val = _run_split(data, meta)
+    cfg = SuppressConfig(
+        alpha=args.alpha,
+        steps=args.steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        thief_batch=args.thief_batch,
+        lr=args.lr,
+        thief_lrs=tuple(args.thief_lrs),
+        thief_layers=tuple(args.thief_layers),
+        thief_optimizers=tuple(args.thief_optimizers),
+        thief_loss=args.thief_loss,
+        plain_weight=args.plain_weight,
+        seed=args.seed,
+    )
+    new = harden(args.model, key, train, args.output, cfg, val=val, device=args.device)
+    info = new["suppress"]
+    last = info["history"][-1]
+    text = (
+        f"wrote {args.output}: key holder {last['val_holder']:.1%}, plain images {last['val_plain']:.1%} "
+        f"(held-out); {info['seconds']:.0f} s, {info['time_factor']:.1f}x a key-holder step"
+    )
+    _emit(args, {"run": args.output, **info}, text)
+    return 0
+
+
 def cmd_rekey(args: argparse.Namespace) -> int:
     from .rekey import rekey_run
 
@@ -603,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train,
         _add_evaluate,
         _add_attack,
+        _add_harden,
         _add_convert,
         _add_rekey,
         _add_predict,
@@ -785,8 +824,6 @@ def _train_protection_options(sp: argparse.ArgumentParser, d: TrainConfig) -> No
 
 
 def _train_model_options(sp: argparse.ArgumentParser, d: TrainConfig) -> None:
-    from .train import TRAIN_LAYERS
-
     g = sp.add_argument_group("model")
     g.add_argument("--model", default=d.model, help="registered model or tv_<torchvision name> (default %(default)s)")
     g.add_argument("--patch", type=at.BLOCK_SIZE, default=4, help="patch size of block-aligned models without a key")
@@ -803,19 +840,27 @@ def _train_model_options(sp: argparse.ArgumentParser, d: TrainConfig) -> None:
     )
     g.add_argument(
         "--train-layers",
-        choices=TRAIN_LAYERS,
+        type=at.train_layers,
         default=d.train_layers,
-        help="train all layers, or only the first / last layer with weights (default %(default)s)",
+        help="train all layers, or only the first / last layer with weights, or block:N (default %(default)s)",
     )
 
 
 def _train_optimisation_options(sp: argparse.ArgumentParser, d: TrainConfig) -> None:
-    g = sp.add_argument_group("optimisation (SGD, one-cycle learning rate)")
+    from .train import OPTIMIZERS
+
+    g = sp.add_argument_group("optimisation (one-cycle learning rate)")
     g.add_argument("--epochs", type=at.EPOCHS, default=d.epochs, help="(default %(default)s)")
     g.add_argument("--batch-size", type=at.BATCH_SIZE, default=d.batch_size, help="(default %(default)s)")
     g.add_argument("--lr", type=at.LEARNING_RATE, default=d.lr, help="peak learning rate (default %(default)s)")
     g.add_argument(
         "--peak", type=at.PEAK, default=d.peak, help="LR peak as a fraction of training (0.5: the paper's cyclic)"
+    )
+    g.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=d.optimizer,
+        help="sgd (momentum) or adam (AdamW) (default %(default)s)",
     )
     g.add_argument("--momentum", type=at.PROBABILITY, default=d.momentum, help="SGD momentum (default %(default)s)")
     g.add_argument(
@@ -940,6 +985,37 @@ def _add_attack(sub: Any) -> None:
     from .attacks.registry import add_attack_parsers
 
     add_attack_parsers(sp.add_subparsers(dest="attack", required=True, metavar="ATTACK"), parents=[common])
+
+
+def _add_harden(sub: Any) -> None:
+    sp = _command(
+        sub, "harden", "fine-tuning suppression (SOPHON-style): make a keyed model harder for a thief to fine-tune"
+    )
+    sp.add_argument("--model", type=at.path_name, required=True, metavar="RUN_DIR", help="a keyed run directory")
+    sp.add_argument("--key", type=at.existing_file, required=True, help="the model's key file")
+    sp.add_argument("-o", "--output", type=at.output_path, required=True, metavar="RUN_DIR2", help="new run directory")
+    sp.add_argument("--data", type=at.data_source, help="the run's data source (default: as recorded)")
+    sp.add_argument("--data-root", type=at.output_path, help="where torchvision datasets live / are downloaded")
+    sp.add_argument("--alpha", type=at.NON_NEGATIVE, default=2.0, help="weight of the thief's loss (default 2)")
+    sp.add_argument("--steps", type=at.COUNT, default=3, help="the simulated thief's steps per outer step (default 3)")
+    sp.add_argument("--epochs", type=at.EPOCHS, default=1, help="passes over the training data (default 1)")
+    sp.add_argument("--lr", type=at.LEARNING_RATE, default=0.01, help="outer learning rate (default 0.01)")
+    sp.add_argument("--batch-size", type=at.BATCH_SIZE, default=128, help="key holder's batch (default 128)")
+    sp.add_argument("--thief-batch", type=at.BATCH_SIZE, default=64, help="the thief's batch (default 64)")
+    sp.add_argument(
+        "--thief-lrs", type=at.LEARNING_RATE, nargs="+", default=[0.01, 0.05], help="the thief's SGD learning rates"
+    )
+    sp.add_argument(
+        "--thief-layers", type=at.train_layers, nargs="+", default=["all", "first", "last"], help="what he trains"
+    )
+    sp.add_argument("--thief-optimizers", nargs="+", choices=["sgd", "adam"], default=["sgd"], help="his optimisers")
+    sp.add_argument("--thief-loss", choices=["inverse-ce", "uniform"], default="inverse-ce", help="what is pushed up")
+    sp.add_argument(
+        "--plain-weight", type=at.NON_NEGATIVE, default=1.0, help="weight of keeping plain images at chance"
+    )
+    sp.add_argument("--seed", type=at.SEED, default=0, help="batch order and the thief's draws (default 0)")
+    sp.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    sp.set_defaults(func=cmd_harden)
 
 
 def _add_convert(sub: Any) -> None:

@@ -51,7 +51,7 @@ __all__ = ["TrainConfig", "autocast", "fit", "pick_device", "predict_accuracy"] 
 
 
 NORM_MODES = ("channel", "position", "none")  # per channel, per block position of the key, raw values
-TRAIN_LAYERS = ("all", "first", "last")  # all, the first layer with weights, the last one (the head)
+OPTIMIZERS = ("sgd", "adam")  # SGD with (Nesterov) momentum, AdamW
 
 
 @dataclass
@@ -73,7 +73,8 @@ class TrainConfig:
     crop_padding: int = 4
     flip: bool = True
     init_from: str | None = None  # a run directory whose weights start training (fine-tuning)
-    train_layers: str = "all"  # all | first (the first layer with weights) | last (the last one: the head)
+    train_layers: str = "all"  # all | first (first layer with weights) | last (the head) | block:N (layer_blocks)
+    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adam (AdamW: decoupled weight decay)
     sign_loss: float = 1.0  # weight of the passport sign loss (passport models only)
 
     def __post_init__(self) -> None:
@@ -91,10 +92,11 @@ class TrainConfig:
         for name, value, allowed in (
             ("amp", self.amp, AMP_MODES),
             ("norm", self.norm, NORM_MODES),
-            ("train_layers", self.train_layers, TRAIN_LAYERS),
+            ("optimizer", self.optimizer, OPTIMIZERS),
         ):
             if value not in allowed:
                 raise OptionError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        at.check_train_layers(self.train_layers)
 
 
 def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -116,18 +118,50 @@ def _layers_with_weights(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
 
 
-def freeze_except(model: nn.Module, which: str) -> None:
-    """Train ``all`` parameters, or only those of the ``first`` / ``last`` layer that has weights."""
+def layer_blocks(model: nn.Module) -> list[list[nn.Module]]:
+    """The layers with weights grouped into blocks: each conv/linear/embedding (a weight of 2+ dims) starts
+    one, and the norm layers after it (1-D parameters only) join it. ``block:N`` trains the N-th."""
+    blocks: list[list[nn.Module]] = []
+    for m in _layers_with_weights(model):
+        if not blocks or any(p.dim() > 1 for p in m.parameters(recurse=False)):
+            blocks.append([])
+        blocks[-1].append(m)
+    return blocks
+
+
+def trainable_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
+    """The parameters ``which`` trains: all, the ``first`` / ``last`` layer that has weights, or ``block:N``."""
+    at.check_train_layers(which)
     if which == "all":
-        return
+        return list(model.parameters())
     layers = _layers_with_weights(model)
-    if which not in ("first", "last") or not layers:
-        raise BlockkeyError(f"train_layers must be all, first or last; got {which!r}")
-    keep = layers[0] if which == "first" else layers[-1]
+    if not layers:
+        raise BlockkeyError(f"train_layers {which}: the model has no layer with weights")
+    if which.startswith("block:"):
+        blocks, n = layer_blocks(model), int(which.partition(":")[2])
+        if n >= len(blocks):
+            raise BlockkeyError(
+                f"train_layers {which}: the model has {len(blocks)} blocks (block:0..{len(blocks) - 1})"
+            )
+        keep = blocks[n]
+    else:
+        keep = [layers[0] if which == "first" else layers[-1]]
+    return [p for m in keep for p in m.parameters(recurse=False)]
+
+
+def freeze_except(model: nn.Module, which: str) -> None:
+    """Train ``all`` parameters, only those of the ``first`` / ``last`` layer that has weights, or ``block:N``."""
+    keep = {id(p) for p in trainable_parameters(model, which)}
     for p in model.parameters():
-        p.requires_grad_(False)
-    for p in keep.parameters(recurse=False):
-        p.requires_grad_(True)
+        p.requires_grad_(id(p) in keep)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with (Nesterov) momentum, or AdamW, over the trainable parameters (no decay on norms, biases)."""
+    groups = _param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
 def _probe(model: nn.Module, image_shape: tuple[int, int, int], name: str) -> None:
@@ -441,9 +475,7 @@ def _make_loop(
     progress: bool,
 ) -> _Loop:
     """Optimizer, loaders, loss and scaler around ``model`` (:func:`_wrap` adds DDP / compile later)."""
-    opt = torch.optim.SGD(
-        _param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
-    )
+    opt = make_optimizer(model, cfg)
     loader = make_loader(
         train,
         cfg.batch_size // dist.world_size,

@@ -38,6 +38,9 @@ from .helpers import colour_data
         ("amp", "fp8"),
         ("norm", "batch"),
         ("train_layers", "middle"),
+        ("train_layers", "block:-1"),
+        ("train_layers", "block:"),
+        ("optimizer", "rmsprop"),
     ],
 )
 def test_train_config_refuses_each_field_out_of_range(field, value):

@@ -13,8 +13,9 @@ from blockkey.attacks import Target, accuracy
 from blockkey.attacks.adapter import BlockAdapter, adapter_attack
 from blockkey.attacks.key_search import key_search_attack, random_keys_attack
 from blockkey.attacks.known_plaintext import key_agreement, known_plaintext_attack, recover_key
-from blockkey.checkpoint import load_model
+from blockkey.checkpoint import load_model, read_meta
 from blockkey.data import Normalize, stratified_split
+from blockkey.errors import BlockkeyError
 from blockkey.functional import compile_block_plan
 from blockkey.rekey import block_affine
 from blockkey.train import TrainConfig, fit
@@ -161,6 +162,27 @@ def test_attack_cli(tmp_path, capsys, monkeypatch):
         ("key-search", ["--keys", "2", "--iterations", "4", "--batch", "16"], "after 4 swaps/flips"),
         ("ciphertext-only", ["--images", "20"], "20 transformed images"),
         ("fine-tune", ["--fractions", "0.5", "--epochs", "1", "-o", tmp_path / "ft"], "scratch, 50%"),
+        (
+            "fine-tune",
+            [
+                "--fractions",
+                "0.5",
+                "--epochs",
+                "1",
+                "-o",
+                tmp_path / "ft2",
+                "--layers",
+                "last",
+                "--lrs",
+                "0.01",
+                "0.1",
+                "--scratch-lrs",
+                "0.2",
+                "--optimizer",
+                "sgd",
+            ],
+            "fine-tune last, lr 0.1, 50%",
+        ),
     ]:
         assert main([str(a) for a in [*base[:1], name, *base[1:], *extra]]) == 0, name
         assert expect in capsys.readouterr().out, name
@@ -175,6 +197,8 @@ def test_attack_cli(tmp_path, capsys, monkeypatch):
         ("adapter", ["--fractions", "2"], "in (0, 1]"),
         ("known-plaintext", ["--fractions", "0.5"], "unrecognized arguments: --fractions"),  # options are per attack
         ("inner-align", ["--seed", "1"], "unrecognized arguments: --seed"),
+        ("fine-tune", ["--lrs", "0"], "--lrs: must be a number > 0"),
+        ("fine-tune", ["--layers", "middle"], "block:N"),
     ]:
         assert main([str(a) for a in [*base[:1], name, *base[1:], *extra]]) == 2
         err = capsys.readouterr().err
@@ -314,3 +338,49 @@ def test_finetune_attack_trains_what_it_says(protected, tmp_path):
         moved = {n for n, p in after.items() if p.is_floating_point() and not torch.equal(p, before[n])}
         moved = {n for n in moved if "running_" not in n}  # batch-norm statistics adapt by design
         assert moved == {changed}, (variant, moved)
+
+
+def test_finetune_sweep_marks_the_best_rate_per_variant_and_trains_one_block(protected, tmp_path):
+    from blockkey.attacks.finetune import finetune_attack, stolen_advantage
+    from blockkey.train import layer_blocks
+
+    target, train = protected
+    stolen = tmp_path / "stolen"
+    cfg = TrainConfig(model="patchnet", model_kwargs={"patch": 4, "width": 0.25}, epochs=1, batch_size=16, amp="off")
+    fit(train, None, target.key, cfg, stolen, progress=False, log=lambda s: None)
+    model, meta = load_model(stolen)
+    assert [[type(m).__name__ for m in b] for b in layer_blocks(model)][1::5] == [["Conv2d", "BatchNorm2d"], ["Linear"]]
+    t = Target(model, meta, target.key, target.val)
+    rep = finetune_attack(
+        t,
+        stolen,
+        train,
+        [0.5],
+        tmp_path / "ft",
+        layers=["block:1"],
+        epochs=1,
+        lrs=[1e-4, 0.05],
+        scratch_lrs=[0.1],
+        optimizer="adam",
+        progress=False,
+    )
+    assert [(r["variant"], r["lr"], r["optimizer"]) for r in rep.rows] == [
+        ("fine-tune block:1", 1e-4, "adam"),
+        ("fine-tune block:1", 0.05, "adam"),
+        ("scratch", 0.1, "adam"),
+    ]
+    for variant in ("fine-tune block:1", "scratch"):
+        rows = [r for r in rep.rows if r["variant"] == variant]
+        assert sum(r["best"] for r in rows) == 1
+        assert next(r for r in rows if r["best"])["attacker_accuracy"] == max(r["attacker_accuracy"] for r in rows)
+    acc = {
+        r["variant"]: max(x["attacker_accuracy"] for x in rep.rows if x["variant"] == r["variant"]) for r in rep.rows
+    }
+    assert stolen_advantage(rep.rows) == pytest.approx(acc["fine-tune block:1"] - acc["scratch"])
+    before = load_model(stolen)[0].state_dict()
+    after = load_model(tmp_path / "ft" / "fine-tune-block1-lr0.05-0.5")[0].state_dict()
+    moved = {n for n, p in after.items() if p.is_floating_point() and not torch.equal(p, before[n])}
+    assert {n for n in moved if "running_" not in n} == {"embed.3.weight", "embed.4.weight", "embed.4.bias"}
+    assert read_meta(tmp_path / "ft" / "scratch-0.5")["config"]["optimizer"] == "adam"
+    with pytest.raises(BlockkeyError, match="7 blocks"):
+        finetune_attack(t, stolen, train, [0.5], tmp_path / "ft2", layers=["block:7"], epochs=1, progress=False)

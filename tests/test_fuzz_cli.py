@@ -33,16 +33,17 @@ from blockkey.transforms import KeyedTransform
 from .helpers import colour_data, rand_key, write_folder
 
 EXAMPLES = {"cheap": 40, "train": 25, "slow": 6, "attack": 4}  # per command (each attack); see docs/reliability.md
-COST = {"demo": "slow", "tour": "slow", "train": "train", "evaluate": "train", "attack": "attack"}
+COST = {"demo": "slow", "tour": "slow", "train": "train", "evaluate": "train", "attack": "attack", "harden": "train"}
 # Options drawn on every example of a command because their defaults are long runs (demo: 8,000 images).
 ALWAYS = {
     "demo": {"--epochs", "--limit"},
     "train": {"--epochs", "--batch-size"},
     "evaluate": {"--wrong-keys"},
     "attack": {"--epochs", "--pairs", "--images", "--keys", "--iterations"},
+    "harden": {"--batch-size", "--thief-batch"},
 }
 GOOD = {"--limit": "300", "--batch-size": "8", "--batch": "8", "--sample": "6", "--block-size": "4", "--patch": "4"}
-GOOD |= {"--fractions": "1.0", "--stream": "16", "--wrong-keys": "1"}
+GOOD |= {"--fractions": "1.0", "--stream": "16", "--wrong-keys": "1", "--thief-batch": "8"}
 OUT = "@OUT@/"  # replaced by a fresh folder for each example
 KEEP = "@KEEP@"  # an existing input given as an output: --force is then left out (it may replace it)
 ERROR_LINE = re.compile(r"^blockkey( [a-z-]+){0,2}: error: \S")  # blockkey attack NAME: error: ...
