@@ -15,8 +15,6 @@ trained once per (fraction, seed, optimiser) and reused. Results accumulate in O
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import statistics
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from blockkey import KeySet
+from blockkey import KeySet, bench
 from blockkey.attacks import Target
 from blockkey.attacks.finetune import finetune_attack
 from blockkey.checkpoint import load_model
@@ -34,16 +32,8 @@ LRS = {"sgd": [0.01, 0.05, 0.2], "adam": [1e-3, 3e-3]}
 SCRATCH_LRS = {"sgd": [0.05, 0.2, 0.5], "adam": [1e-3, 3e-3]}
 
 
-def _save(path: Path, results: dict) -> None:
-    current = json.loads(path.read_text()) if path.exists() else {}
-    current.update(results)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current, indent=1))
-    tmp.replace(path)
-
-
-def run_one(args, results, path, slot, target, run, train, frac, seed, optimizer, scratch: bool) -> None:
-    if slot in results:
+def run_one(args, store: bench.Results, slot, target, run, train, frac, seed, optimizer, scratch: bool) -> None:
+    if slot in store:
         return
     t0 = time.perf_counter()
     print(f"{slot} ...", flush=True)
@@ -63,8 +53,7 @@ def run_one(args, results, path, slot, target, run, train, frac, seed, optimizer
         optimizer=optimizer,
         progress=False,
     )
-    results[slot] = {**rep.to_json(), "wall_seconds": round(time.perf_counter() - t0, 1), "tag": args.tag}
-    _save(path, {slot: results[slot]})
+    store.put(slot, {**rep.to_json(), "wall_seconds": round(time.perf_counter() - t0, 1), "tag": args.tag})
     best = max(rep.rows, key=lambda r: r["attacker_accuracy"])
     print(f"{slot}: best {best['setting']} {best['attacker_accuracy']:.1%}", flush=True)
 
@@ -103,11 +92,10 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = bench.parser(__doc__, out="../runs/sweep")
     ap.add_argument("--data", default="../../shared/datasets/cifar10/train")
     ap.add_argument("--explore", default="../runs/explore-small", help="an explore_recipes.py output folder")
-    ap.add_argument("--out", default="../runs/sweep")
     ap.add_argument("--only", nargs="*", default=["inner", "shuffle-negpos-ffx-inner", "shuffle-negpos-ffx"])
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.1])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -121,13 +109,12 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=10000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--merge", nargs="*", default=[], help="other results.json files to tabulate with these")
-    ap.add_argument("--table", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
+    store = bench.Results(out / "results.json", fresh=args.fresh)
+    results = store.entries
     if not args.table:
         train, val = stratified_split(load_dataset(args.data), 0.1, 0)  # explore_recipes' split
         train = stratified_subset(train, args.train_images, 0)
@@ -140,13 +127,14 @@ def main() -> None:
                         target = Target(model, meta, KeySet.load(explore / f"{name}.key.json"), val)
                         if i == 0 and not args.no_scratch:
                             slot = f"scratch{args.tag}|{frac:g}|{seed}|{opt}"
-                            run_one(args, results, path, slot, target, explore / name, train, frac, seed, opt, True)
+                            run_one(args, store, slot, target, explore / name, train, frac, seed, opt, True)
                         slot = f"{name}{args.tag}|{frac:g}|{seed}|{opt}"
-                        run_one(args, results, path, slot, target, explore / name, train, frac, seed, opt, False)
+                        run_one(args, store, slot, target, explore / name, train, frac, seed, opt, False)
     for extra in args.merge:  # other sweep folders: rows of the same slot join (e.g. a wider learning-rate grid)
-        for slot, rep in json.loads(Path(extra).read_text()).items():
+        for slot, rep in bench.Results(extra).entries.items():
             results[slot] = {**rep, "rows": results[slot]["rows"] + rep["rows"]} if slot in results else rep
     print(table(results))
+    store.write_json(args.json)
 
 
 if __name__ == "__main__":
