@@ -75,7 +75,13 @@ FRACTION_ATTACKS = ("fine-tune", "adapter", "table-order-finetune")  # run again
 def attack(name: str, target: Target, run: Path, train: Any, out: Path, fraction: float = FRACTION) -> AttackReport:
     """Attack ``name`` through the registry with this benchmark's settings (the threat model's 1 % by default)."""
     settings: dict[str, dict[str, Any]] = {
-        "fine-tune": {"fractions": [fraction], "epochs": 15, "output": str(out / "finetune" / run.name)},
+        "fine-tune": {  # both sides at their best learning rate (docs/attacks.md, "A fair baseline")
+            "fractions": [fraction],
+            "epochs": 15,
+            "output": str(out / "finetune" / run.name),
+            "lrs": [0.003, 0.01, 0.05, 0.2],
+            "scratch_lrs": [0.01, 0.02, 0.05, 0.2],
+        },
         "adapter": {"fractions": [fraction], "epochs": 30},
         # the input key given: it isolates the inner key
         "inner-align": {"images": [round(fraction * len(train))], "seconds_per_point": 120},

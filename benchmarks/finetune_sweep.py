@@ -58,8 +58,9 @@ def run_one(args, store: bench.Results, slot, target, run, train, frac, seed, op
     print(f"{slot}: best {best['setting']} {best['attacker_accuracy']:.1%}", flush=True)
 
 
-def table(results: dict) -> str:
-    """Per candidate, fraction and optimiser: best stolen, best scratch, advantage (mean and range over seeds)."""
+def advantages(results: dict) -> list[dict]:
+    """Per candidate, fraction and optimiser (``any``: the best over optimisers): best stolen, best scratch and
+    the stolen advantage, each a list over the seeds both sides ran."""
     cells: dict[tuple, dict[int, dict]] = {}
     for slot, rep in results.items():
         name, frac, seed, opt = slot.split("|")
@@ -68,28 +69,67 @@ def table(results: dict) -> str:
         anyopt = cells.setdefault((name, float(frac), "any", rep.get("tag", "")), {})  # best over optimisers too
         if int(seed) not in anyopt or best["attacker_accuracy"] > anyopt[int(seed)]["attacker_accuracy"]:
             anyopt[int(seed)] = best
-    lines = [
-        "| candidate | data | optimiser | seeds | best stolen (setting, seed 0) | best scratch | stolen advantage |",
-        "|---|---:|---|---:|---|---:|---:|",
-    ]
+    out = []
     for (name, frac, opt, tag), by_seed in sorted(cells.items()):
         if name.startswith("scratch"):
             continue
         scratch = cells.get((f"scratch{tag}", frac, opt, tag), cells.get(("scratch", frac, opt, ""), {}))
         seeds = sorted(s for s in by_seed if s in scratch)
-        if not seeds:
-            continue
-        stolen = [by_seed[s]["attacker_accuracy"] for s in seeds]
-        base = [scratch[s]["attacker_accuracy"] for s in seeds]
-        adv = [100 * (a - b) for a, b in zip(stolen, base, strict=True)]
-        first = by_seed[seeds[0]]
+        if seeds:
+            stolen = [by_seed[s]["attacker_accuracy"] for s in seeds]
+            base = [scratch[s]["attacker_accuracy"] for s in seeds]
+            adv = [100 * (a - b) for a, b in zip(stolen, base, strict=True)]
+            out.append(
+                {"name": name, "fraction": frac, "optimizer": opt, "seeds": seeds, "first": by_seed[seeds[0]]}
+                | {"stolen": stolen, "scratch": base, "advantage": adv}
+            )
+    return out
+
+
+def table(results: dict) -> str:
+    """Per candidate, fraction and optimiser: best stolen, best scratch, advantage (mean and range over seeds)."""
+    lines = [
+        "| candidate | data | optimiser | seeds | best stolen (setting, seed 0) | best scratch | stolen advantage |",
+        "|---|---:|---|---:|---|---:|---:|",
+    ]
+    for c in advantages(results):
+        first, adv = c["first"], c["advantage"]
         spread = f" (range {min(adv):+.1f} to {max(adv):+.1f})" if len(adv) > 1 else ""
         lines.append(
-            f"| {name} | {frac:.0%} | {opt} | {len(seeds)} | {statistics.mean(stolen):.1%} "
-            f"({first['variant']}, {first.get('optimizer', 'sgd')} lr {first['lr']:g}) | {statistics.mean(base):.1%} "
-            f"| {statistics.mean(adv):+.1f} pts{spread} |"
+            f"| {c['name']} | {c['fraction']:.0%} | {c['optimizer']} | {len(c['seeds'])} | "
+            f"{statistics.mean(c['stolen']):.1%} ({first['variant']}, {first.get('optimizer', 'sgd')} lr "
+            f"{first['lr']:g}) | {statistics.mean(c['scratch']):.1%} | {statistics.mean(adv):+.1f} pts{spread} |"
         )
     return "\n".join(lines)
+
+
+def plot(results: dict, explore: Path, path: Path) -> None:
+    """The trade-off: key-holder accuracy lost against the non-protected model (explore's results) on x, the
+    worst stolen advantage over the fractions (best over optimisers, mean over seeds) on y."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = bench.Results(explore / "results.json").entries
+    holder = {n: e["train"]["eval"]["rows"][0]["accuracy"] for n, e in trained.items() if "train" in e}
+    worst: dict[str, float] = {}
+    for c in advantages(results):
+        if c["optimizer"] == "any" and c["name"] in holder:
+            worst[c["name"]] = max(worst.get(c["name"], -100.0), statistics.mean(c["advantage"]))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, adv in worst.items():
+        cost = 100 * (holder["none"] - holder[name])
+        ax.scatter(cost, adv, color="#c44")
+        ax.annotate(name, (cost, adv), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.axhline(0, ls="--", lw=1, color="k")
+    ax.axvline(2, ls=":", lw=1, color="k")
+    ax.set_xlabel("key-holder accuracy lost vs non-protected (points)")
+    ax.set_ylabel("worst stolen advantage over 1/5/10% (points)")
+    ax.set_title("fine-tuning thief vs scratch, both at their best learning rate", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-images", type=int, default=10000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--merge", nargs="*", default=[], help="other results.json files to tabulate with these")
+    ap.add_argument("--plot", help="write the trade-off plot (cost against the worst stolen advantage) here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -134,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         for slot, rep in bench.Results(extra).entries.items():
             results[slot] = {**rep, "rows": results[slot]["rows"] + rep["rows"]} if slot in results else rep
     print(table(results))
+    if args.plot:
+        plot(results, Path(args.explore), Path(args.plot))
     store.write_json(args.json)
 
 

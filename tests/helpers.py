@@ -12,7 +12,7 @@ from PIL import Image
 
 from blockkey import KeyFileError, KeySet
 from blockkey.data import ImageTensors
-from blockkey.keys import parse_recipe
+from blockkey.keys import InnerKey, parse_recipe
 from blockkey.steps import TOKENS
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
@@ -107,3 +107,8 @@ def grid_panels(path, width: int, height: int, count: int) -> list[torch.Tensor]
         arr = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
     x0 = [pad + i * (width * scale + pad) for i in range(count)]
     return [arr[:, title_h + pad :: scale, x : x + width * scale : scale][:, :height] for x in x0]
+
+
+def with_inner(key: KeySet, seed: int = 0) -> KeySet:
+    """``key`` with a fixed (test-only) inner part derived from ``seed``."""
+    return KeySet(key.block_size, key.channels, key.steps, inner=InnerKey(bytes((seed + i) % 256 for i in range(32))))

@@ -15,17 +15,12 @@ from blockkey.data import stratified_split
 from blockkey.errors import BlockkeyError, KeyFileError
 from blockkey.evaluate import evaluate_run
 from blockkey.inner import ChannelKey, inner_points, keyed_points, use_inner_key
-from blockkey.keys import InnerKey
 from blockkey.models import create_model
 from blockkey.rekey import RekeyError, block_affine
 from blockkey.train import TrainConfig, fit
 from blockkey.transforms import KeyedTransform
 
-from .helpers import colour_data, rand_key, write_folder
-
-
-def with_inner(key: KeySet, seed: int = 0) -> KeySet:
-    return KeySet(key.block_size, key.channels, key.steps, inner=InnerKey(bytes((seed + i) % 256 for i in range(32))))
+from .helpers import colour_data, rand_key, with_inner, write_folder
 
 
 class TestInnerKeyFile:

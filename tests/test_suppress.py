@@ -26,9 +26,7 @@ from blockkey.suppress import (
 )
 from blockkey.train import TrainConfig, fit
 
-from .helpers import rand_key
-from .test_inner import with_inner
-from .test_training import write_folder
+from .helpers import rand_key, with_inner, write_folder
 
 
 def test_losses_match_their_formulas():
@@ -109,13 +107,15 @@ def _thief_accuracy(run, train, val, lr, steps, seeds=(1, 2, 3)) -> float:
 @pytest.mark.slow
 def test_suppression_lowers_the_simulated_thief_and_keeps_the_key_holder(keyed_toy):
     tmp, train, val, key = keyed_toy
-    common = {"steps": 3, "epochs": 10, "batch_size": 16, "thief_batch": 16, "thief_lrs": (0.01,), "seed": 0}
+    # A thief strong enough to learn the toy from the control's weights (lr 0.1, 10 steps: 77-78% against a
+    # hardened 28-30% on AVX2/AVX-512 and 1-2 threads; weaker thieves stay near chance either way).
+    common = {"steps": 10, "epochs": 10, "batch_size": 16, "thief_batch": 16, "thief_lrs": (0.1,), "seed": 0}
     common["thief_layers"] = ("all",)
     for alpha in (0.0, 3.0):  # the same phase without the thief's term is the control
         harden(tmp / "run", key, train, tmp / f"a{alpha:g}", SuppressConfig(alpha=alpha, **common), log=lambda s: None)
-    control = _thief_accuracy(tmp / "a0", train, val, 0.01, 3)
-    hardened = _thief_accuracy(tmp / "a3", train, val, 0.01, 3)
-    assert hardened < control - 0.15, (control, hardened)
+    control = _thief_accuracy(tmp / "a0", train, val, 0.1, 10)
+    hardened = _thief_accuracy(tmp / "a3", train, val, 0.1, 10)
+    assert control > 0.5 and hardened < control - 0.25, (control, hardened)
     rows = {r["setting"]: r["accuracy"] for r in evaluate_run(tmp / "a3", val, key, wrong_keys=0, progress=False).rows}
     assert rows["correct key"] > 0.9
     info = read_meta(tmp / "a3")["suppress"]
