@@ -615,6 +615,8 @@ def _read_state(
         state = json.loads((state_dir / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{state_dir}: cannot read the saved state ({e})") from None
+    if isinstance(state.get("config"), dict):  # fields added since the state was written take their defaults
+        state["config"] = asdict(TrainConfig()) | state["config"]
     for name, what in _IDENTITY_ERRORS.items():
         if state.get(name) != identity[name]:
             raise CheckpointError(f"{state_dir.parent}: --resume with {what}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -194,6 +195,28 @@ class TestFit:
             fit(data, None, rand_key("shuffle", 4, seed=1), cfg, tmp_path / "r", progress=False, log=die)
         with pytest.raises(CheckpointError, match="different key"):
             fit(data, None, rand_key("shuffle", 4, seed=2), cfg, tmp_path / "r", resume=True, progress=False)
+
+    def test_resume_a_state_written_before_a_config_field_existed(self, tmp_path):
+        """A state saved by an older version lacks newer TrainConfig fields: they take their defaults (resume
+        works); a field that differs from the saved run still refuses."""
+        data = colour_data(24)
+        cfg = TrainConfig(epochs=2, **CFG)
+        key = rand_key("shuffle", 4, seed=1)
+
+        def die(line):
+            if line.startswith("epoch 2/2"):
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            fit(data, None, key, cfg, tmp_path / "r", progress=False, log=die)
+        state_file = tmp_path / "r" / "state-0001" / "state.json"
+        state = json.loads(state_file.read_text())
+        del state["config"]["optimizer"]  # as written before the field existed
+        state_file.write_text(json.dumps(state))
+        with pytest.raises(CheckpointError, match="--resume"):
+            fit(data, None, key, dataclasses.replace(cfg, optimizer="adam"), tmp_path / "r", resume=True)
+        fit(data, None, key, cfg, tmp_path / "r", resume=True, progress=False, log=lambda s: None)
+        assert (tmp_path / "r" / "meta.json").exists()
 
     def test_class_alignment_by_name(self):
         data = colour_data(3)
