@@ -259,7 +259,7 @@ def check_train_layers(which: Any) -> str:
     """What fine-tuning trains: ``all``, ``first``, ``last`` or ``block:N`` (N >= 0; the model's count is
     checked on use)."""
     head, _, n = str(which).partition(":")
-    if which in ("all", "first", "last") or (head == "block" and n.isdigit()):
+    if which in ("all", "first", "last") or (head == "block" and n.isascii() and n.isdigit()):
         return str(which)
     raise OptionError(f"train_layers must be all, first, last or block:N (N = 0, 1, ...); got {which!r}")
 

@@ -145,6 +145,7 @@ class Results:
     def __init__(self, path: str | os.PathLike[str], *, fresh: bool = False, device: str | None = None) -> None:
         self.path = Path(path)
         self.device = device
+        self.fresh = fresh  # then what an earlier run finished is replaced, never read back
         self.entries: dict[str, Any] = {} if fresh else self._read()[0]
         self._machine: dict[str, Any] | None = None
 
@@ -167,6 +168,9 @@ class Results:
         if self._machine is None:
             self._machine = machine(self.device)
         entries, provenance = self._read()
+        if self.fresh:  # only what this run finished
+            entries = dict(self.entries)
+            provenance = {k: v for k, v in provenance.items() if k in entries}
         entries[name] = self.entries[name] = entry
         provenance[name] = {**self._machine, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.path.parent.mkdir(parents=True, exist_ok=True)

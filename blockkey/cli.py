@@ -446,10 +446,10 @@ def cmd_harden(args: argparse.Namespace) -> int:
 
     meta = read_meta(args.model)
     key = KeySet.load(args.key)
-    spec = args.data or meta.get("data", {}).get("source")
+    spec = args.data or meta.data_source
     if not spec:
         raise BlockkeyError("--data is needed (the run does not record its data source)")
-    data = align_classes(_load_data(spec, train=True, root=args.data_root), meta["classes"])
+    data = align_classes(_load_data(spec, train=True, root=args.data_root), list(meta.classes))
     train, val = _run_split(data, meta)
     cfg = SuppressConfig(
         alpha=args.alpha,
@@ -466,6 +466,7 @@ def cmd_harden(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     new = harden(args.model, key, train, args.output, cfg, val=val, device=args.device)
+    _write_card(args, val, key, None, RunMeta.coerce(new))
     info = new["suppress"]
     last = info["history"][-1]
     text = (

@@ -49,7 +49,8 @@ from .data import Data, DataError, Normalize, make_loader
 from .errors import KeyMismatchError, OptionError
 from .inner import use_inner_key
 from .keys import KeySet
-from .train import check_training_data, pick_device, predict_accuracy, trainable_parameters
+from .runtime import pick_device, predict_accuracy
+from .train import check_training_data, trainable_parameters
 from .transforms import KeyedTransform
 
 __all__ = ["SuppressConfig", "copy_accuracy", "fine_tune_copy", "harden", "inverse_cross_entropy", "uniform_kl"]
@@ -57,7 +58,7 @@ __all__ = ["SuppressConfig", "copy_accuracy", "fine_tune_copy", "harden", "inver
 
 @dataclass
 class SuppressConfig:
-    alpha: float = 1.0  # weight of the simulated thief's loss
+    alpha: float = 2.0  # weight of the simulated thief's loss
     steps: int = 3  # the thief's fine-tuning steps per outer step
     epochs: int = 1  # passes over the key holder's training data
     batch_size: int = 128  # the key holder's batch
@@ -241,10 +242,9 @@ def harden(
     check_training_data(train)
     dev = pick_device(str(device) if device is not None else None)
     model, meta = load_model(run_dir, dev)
-    if meta.get("key") is None or meta["key"]["fingerprint"] != key.fingerprint:
+    if meta.key is None or meta.key.fingerprint != key.fingerprint:
         raise KeyMismatchError(f"{key.fingerprint} is not the key of {run_dir}: suppression needs the model's key")
-    config = meta.get("config", {})
-    normalize = Normalize.from_json(meta["normalize"]) if meta.get("normalize") else None
+    config, normalize = meta.config, meta.normalize
     transform = KeyedTransform(key)
     aug = {"crop_padding": config.get("crop_padding", 4), "flip": config.get("flip", True), "device": dev}
     keyed = make_loader(
@@ -294,6 +294,8 @@ def harden(
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     new = dict(meta)
+    new.pop("evaluation", None)  # the source model's accuracy table: not this model's
+    new["metrics"] = history[-1] if history else {}
     new["suppress"] = {
         **asdict(cfg),
         "from_run": str(run_dir),

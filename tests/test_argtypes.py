@@ -40,6 +40,7 @@ from .helpers import colour_data
         ("train_layers", "middle"),
         ("train_layers", "block:-1"),
         ("train_layers", "block:"),
+        ("train_layers", "block:\u00b2"),  # a Unicode digit int() does not take
         ("optimizer", "rmsprop"),
     ],
 )

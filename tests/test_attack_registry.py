@@ -108,3 +108,19 @@ def test_fine_tune_needs_an_output_folder_and_the_stolen_run(tiny_target):
         run_attack("fine-tune", target, AttackData(train))
     with pytest.raises(BlockkeyError, match="run_dir"):
         run_attack("fine-tune", target, AttackData(train), output="x")
+
+
+def test_plot_skips_rows_without_its_axis_and_refuses_when_none_has_it(tmp_path):
+    from blockkey.errors import BlockkeyError
+
+    rows = [
+        {"setting": "weights only", "attacker_accuracy": 0.2},  # no data fraction: not plotted
+        {"setting": "1%", "variant": "fine-tune", "data_fraction": 0.01, "attacker_accuracy": 0.3},
+    ]
+    report = AttackReport("table-order", "tablenet", "f" * 16, ["ffx-all"], 0.5, 0.1, 0.1, rows)
+    report.plot(tmp_path / "a.png", "data_fraction")
+    assert (tmp_path / "a.png").stat().st_size > 0
+    with pytest.raises(BlockkeyError, match="data fraction"):
+        report.rows = rows[:1]
+        report.plot(tmp_path / "b.png", "data_fraction")
+    assert not (tmp_path / "b.png").exists()

@@ -28,7 +28,12 @@ def test_results_resume_and_merge_per_entry(tmp_path):
     assert doc["format"] == bench.RESULTS_FORMAT and set(doc["provenance"]) == {"shuffle", "negpos"}
     assert doc["provenance"]["negpos"]["torch"] and "cores" in doc["provenance"]["negpos"]["cpu"]
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temporary file left behind
-    assert bench.Results(path, fresh=True).entries == {}
+    fresh = bench.Results(path, fresh=True)
+    assert fresh.entries == {}
+    fresh.put("ffx", {"accuracy": 0.7})  # --fresh: what earlier runs finished is not read back by a put
+    assert "shuffle" not in fresh and "negpos" not in fresh
+    doc = json.loads(path.read_text())
+    assert set(doc["entries"]) == set(doc["provenance"]) == {"ffx"}
 
 
 def test_results_read_files_written_before_the_harness(tmp_path):

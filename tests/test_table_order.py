@@ -145,7 +145,7 @@ def test_cli_table_order(tmp_path, capsys):
 
     from blockkey.cli import main
 
-    from .test_training import colour_data, write_folder
+    from .helpers import colour_data, write_folder
 
     root = write_folder(tmp_path / "ds", colour_data(20, size=16))
     KeySet.generate("shuffle,negpos,ffx-all", 4).save(tmp_path / "k.json")

@@ -139,7 +139,10 @@ class AttackReport:
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
         groups: dict[str, list[tuple[float, float]]] = {}
         for r in self.rows:
-            groups.setdefault(r.get("variant", self.attack), []).append((r[x], 100 * r[y]))
+            if x in r:  # rows without the axis (e.g. a diagnostic row) are not plotted
+                groups.setdefault(r.get("variant", self.attack), []).append((r[x], 100 * r[y]))
+        if not groups:
+            raise BlockkeyError(f"--plot: no row of {self.attack} has a {x.replace('_', ' ')} to plot against")
         for name, pts in groups.items():
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)

@@ -288,7 +288,6 @@ def table_order_attack(
     against plain images' partial correlations and, when given, a plain model the thief trained.
     ``plain_images`` unlabelled plain images build the image reference and score the candidates.
     A last row (diagnostic, uses the key's shuffle and signs) isolates the code order."""
-    from .. import argtypes as at
 
     t_start = time.perf_counter()
     at.COUNT.check("plain_images", plain_images)
@@ -409,6 +408,8 @@ def table_order_finetune(
     )
     model, meta = plain_input_model(target.model, target.meta, info["codes_by_value"], plan.src)
     start = Path(out_dir) / "table-order-start"
+    if (start / "meta.json").exists():
+        raise BlockkeyError(f"{start} already holds a run; pick another output folder")
     start.mkdir(parents=True, exist_ok=True)
     save_run(start, model, meta)
     folded = Target(model, RunMeta.coerce(meta), key, target.val, target.device)
