@@ -112,3 +112,23 @@ def grid_panels(path, width: int, height: int, count: int) -> list[torch.Tensor]
 def with_inner(key: KeySet, seed: int = 0) -> KeySet:
     """``key`` with a fixed (test-only) inner part derived from ``seed``."""
     return KeySet(key.block_size, key.channels, key.steps, inner=InnerKey(bytes((seed + i) % 256 for i in range(32))))
+
+
+def fit_inner_toy(data: ImageTensors, run) -> tuple[ImageTensors, ImageTensors, KeySet]:
+    """A small patchnet with keyed points, trained into ``run`` with a negpos + inner key on ``data`` (a learnable
+    toy set; a quarter held out). Returns ``(train, val, key)``."""
+    from blockkey.data import stratified_split
+    from blockkey.train import TrainConfig, fit
+
+    train, val = stratified_split(data, 0.25, 0)
+    key = with_inner(rand_key("negpos", 4, seed=5), 11)
+    cfg = TrainConfig(
+        model="patchnet",
+        model_kwargs={"patch": 4, "width": 0.25, "inner": True},
+        epochs=8,
+        batch_size=16,
+        lr=0.05,
+        amp="off",
+    )
+    fit(train, val, key, cfg, run, progress=False, log=lambda s: None)
+    return train, val, key

@@ -11,16 +11,14 @@ import torch
 from blockkey import KeySet
 from blockkey.attacks import Target, accuracy
 from blockkey.checkpoint import load_model
-from blockkey.data import stratified_split
 from blockkey.errors import BlockkeyError, KeyFileError
 from blockkey.evaluate import evaluate_run
 from blockkey.inner import ChannelKey, inner_points, keyed_points, use_inner_key
 from blockkey.models import create_model
 from blockkey.rekey import RekeyError, block_affine
-from blockkey.train import TrainConfig, fit
 from blockkey.transforms import KeyedTransform
 
-from .helpers import colour_data, rand_key, with_inner, write_folder
+from .helpers import colour_data, fit_inner_toy, rand_key, with_inner, write_folder
 
 
 class TestInnerKeyFile:
@@ -144,17 +142,7 @@ def test_inner_key_is_a_relabelling_of_the_next_layers():
 def inner_target(tmp_path_factory):
     """A small patchnet trained with an inner-only key on a learnable toy set (held-out quarter)."""
     tmp = tmp_path_factory.mktemp("inner")
-    train, val = stratified_split(colour_data(60, size=16), 0.25, 0)
-    key = with_inner(rand_key("negpos", 4, seed=5), 11)
-    cfg = TrainConfig(
-        model="patchnet",
-        model_kwargs={"patch": 4, "width": 0.25, "inner": True},
-        epochs=8,
-        batch_size=16,
-        lr=0.05,
-        amp="off",
-    )
-    fit(train, val, key, cfg, tmp / "run", progress=False, log=lambda s: None)
+    _, val, key = fit_inner_toy(colour_data(60, size=16), tmp / "run")
     model, meta = load_model(tmp / "run")
     return Target(model, meta, key, val), tmp / "run"
 

@@ -10,7 +10,7 @@ import torch
 
 from blockkey.checkpoint import load_model, read_meta
 from blockkey.cli import main
-from blockkey.data import ImageTensors, Normalize, make_loader, stratified_split
+from blockkey.data import ImageTensors, Normalize, make_loader
 from blockkey.errors import OptionError
 from blockkey.evaluate import evaluate_run
 from blockkey.inner import use_inner_key
@@ -24,9 +24,8 @@ from blockkey.suppress import (
     inverse_cross_entropy,
     uniform_kl,
 )
-from blockkey.train import TrainConfig, fit
 
-from .helpers import rand_key, with_inner, write_folder
+from .helpers import fit_inner_toy, rand_key, write_folder
 
 
 def test_losses_match_their_formulas():
@@ -77,17 +76,7 @@ def test_fine_tune_copy_trains_the_chosen_layers_of_a_copy():
 @pytest.fixture(scope="module")
 def keyed_toy(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("suppress")
-    train, val = stratified_split(toy(60), 0.25, 0)
-    key = with_inner(rand_key("negpos", 4, seed=5), 11)
-    cfg = TrainConfig(
-        model="patchnet",
-        model_kwargs={"patch": 4, "width": 0.25, "inner": True},
-        epochs=8,
-        batch_size=16,
-        lr=0.05,
-        amp="off",
-    )
-    fit(train, val, key, cfg, tmp / "run", progress=False, log=lambda s: None)
+    train, val, key = fit_inner_toy(toy(60), tmp / "run")
     return tmp, train, val, key
 
 
