@@ -217,6 +217,7 @@ def train_recipe(
 
     run = out / name
     key_path = out / f"{name}.key.json"
+    out.mkdir(parents=True, exist_ok=True)
     key = None
     if recipe is not None:
         if key_path.exists():
@@ -245,7 +246,9 @@ def train_recipe(
     seconds = time.perf_counter() - start
     report = evaluate_run(run, val, key, wrong_keys=wrong_keys, progress=False, device=options.get("device"))
     print(report.to_markdown(), flush=True)
+    tta = evaluate_run(run, val, key, wrong_keys=0, progress=False, device=options.get("device"), tta=True)
     return {
+        "tta_accuracy": tta.rows[0]["accuracy"],  # correct key (or the twin), image + mirror image averaged
         "model": model,
         "model_kwargs": kwargs,
         "epochs": epochs,

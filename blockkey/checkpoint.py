@@ -31,6 +31,7 @@ __all__ = [
     "META_VERSION",
     "CheckpointError",
     "RunMeta",
+    "copy_run_half",
     "load_model",
     "read_meta",
     "save_run",
@@ -98,6 +99,22 @@ def save_run(run_dir: Path, model: nn.Module, meta: RunMeta | Mapping[str, Any])
     fingerprint = meta.key.fingerprint if meta.key is not None else "none"
     save_tensors_atomic(run_dir / "model.safetensors", model.state_dict(), {"key_fingerprint": fingerprint})
     write_json_atomic(run_dir / "meta.json", meta.to_json())
+
+
+def copy_run_half(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Copy a finished run with its floating-point weights stored as float16 (half the file; loading casts
+    them back to float32, so predictions move by float16 rounding only). For released checkpoints."""
+    from safetensors import safe_open
+
+    src, dst = Path(src), Path(dst)
+    meta = read_meta(src)
+    state = load_weights(src / "model.safetensors")
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    dst.mkdir(parents=True, exist_ok=True)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    save_tensors_atomic(dst / "model.safetensors", half, metadata)
+    write_json_atomic(dst / "meta.json", meta.to_json())
 
 
 def clear_states(run_dir: Path) -> None:

@@ -408,11 +408,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data = _run_split(data, meta)[1]
     if args.sample:
         data = stratified_subset(data, args.sample, seed=12345)
-    report = evaluate_run(args.model, data, key, wrong_keys=args.wrong_keys, device=args.device, passports=passports)
+    report = evaluate_run(
+        args.model, data, key, wrong_keys=args.wrong_keys, device=args.device, passports=passports, tta=args.tta
+    )
     if args.plot:
         check_output_suffix(args.plot)
         report.plot(args.plot)
-    head = f"{args.model} on {report.images} images of {spec}"
+    head = f"{args.model} on {report.images} images of {spec}" + (" (flip test-time augmentation)" if args.tta else "")
     if report.key_matches is False:
         head += f"\nWARNING: key {report.given_key} is not the key this model was trained with"
     _emit(
@@ -873,6 +875,12 @@ def _train_optimisation_options(sp: argparse.ArgumentParser, d: TrainConfig) -> 
     g.add_argument("--weight-decay", type=at.NON_NEGATIVE, default=d.weight_decay, help="(default %(default)s)")
     g.add_argument("--label-smoothing", type=at.PROBABILITY, default=d.label_smoothing, help="(default %(default)s)")
     g.add_argument(
+        "--ema",
+        type=at.PROBABILITY,
+        default=d.ema,
+        help="per-step decay of a moving average of the weights, saved as the result (0: off; default %(default)s)",
+    )
+    g.add_argument(
         "--seed", type=at.SEED, default=d.seed, help="data order, augmentation, init and split (not the key)"
     )
 
@@ -949,6 +957,7 @@ def _add_evaluate(sub: Any) -> None:
         help="random wrong keys (forged passports for a passport model) to try (default %(default)s)",
     )
     sp.add_argument("--sample", type=at.COUNT, help="evaluate a stratified random sample of N images")
+    sp.add_argument("--tta", action="store_true", help="average each image with its mirror image (flipped, then keyed)")
     sp.add_argument("--plot", type=at.output_path, help="write a PNG bar plot here")
     sp.add_argument(
         "--stream", type=at.IMAGE_SIZE, metavar="SIZE", help="decode per batch at SIZE x SIZE (default: as trained)"

@@ -34,9 +34,11 @@ class EvalReport:
     images: int
     num_classes: int
     rows: list[dict[str, Any]]
+    tta: bool = False  # every row averages each image with its mirror image (flip test-time augmentation)
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "flip_tta": self.tta,
             "model": self.model,
             "model_key": self.model_key,
             "given_key_fingerprint": self.given_key,
@@ -125,8 +127,12 @@ def evaluate_model(
     device: str | torch.device | None = None,
     progress: bool = True,
     passports: Passports | None = None,
+    tta: bool = False,
 ) -> EvalReport:
     """Accuracy with ``key``, with plain images and with ``wrong_keys`` random keys of the model's recipe.
+
+    ``tta``: each prediction averages the image and its mirror image (flipped plain, then keyed), the
+    test-time augmentation of fast CIFAR-10 training; every row then uses it, wrong keys included.
 
     A passport model instead: accuracy with ``passports`` and with ``wrong_keys`` forged (random)
     passports, each with the fraction of the owner's signature bits that ``sign(gamma)`` reproduces.
@@ -144,7 +150,9 @@ def evaluate_model(
 
     def acc(transform: KeyedTransform | None) -> float:
         use_inner_key(model, transform.inner if transform is not None else None)
-        loader = make_loader(data, batch_size, train=False, transform=transform, normalize=meta.normalize, device=dev)
+        loader = make_loader(
+            data, batch_size, train=False, transform=transform, normalize=meta.normalize, device=dev, flip_views=tta
+        )
         return predict_accuracy(model, loader, dev, meta.amp, meta.channels_last)
 
     model_key = meta.key
@@ -169,7 +177,7 @@ def evaluate_model(
             rows.append(_stats(f"{wrong_keys} random wrong keys", accs))
     given = key.fingerprint if key else None
     key_doc = model_key.to_json() if model_key is not None else None
-    return EvalReport(meta.model, key_doc, given, matches, len(data), meta.num_classes, rows)
+    return EvalReport(meta.model, key_doc, given, matches, len(data), meta.num_classes, rows, tta)
 
 
 def _evaluate_passports(

@@ -25,7 +25,7 @@ Block-aligned models (those with a ``patch`` argument) expose their first layer 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -322,6 +322,73 @@ def patchnet(
     point (:mod:`blockkey.inner`) after every activation (6), for keys with an inner part."""
     widths = tuple(max(8, round(w * width)) for w in (128, 256, 256))
     return PatchNet(num_classes, in_channels, patch, widths, inner)
+
+
+class UpNet(nn.Module):
+    """Block embedding, then depth-to-space back up to a finer grid, then conventional conv groups.
+
+    The first layer is a ``patch x patch`` convolution with stride ``patch`` (one linear map per key block,
+    which absorbs shuffle and negpos exactly, as in :class:`PatchNet`) with ``widths[0] * up**2`` outputs;
+    ``PixelShuffle(up)`` turns each block's vector into an ``up x up`` patch of ``widths[0]`` channels, so the
+    network runs at ``H * up / patch`` instead of ``H / patch`` (16x16 for CIFAR-10 with M=4, up=2).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        patch: int = 4,
+        up: int = 2,
+        widths: tuple[int, ...] = (64, 128, 256, 256),
+        inner: bool = False,
+    ) -> None:
+        super().__init__()
+        if up < 1 or patch % up:
+            raise BlockkeyError(f"upnet: up must divide the patch (block) size {patch}; got {up}")
+        w0 = widths[0]
+
+        def act() -> nn.Module:  # with inner keys: GELU then a keyed point (same state-dict names either way)
+            return nn.Sequential(nn.GELU(), _keyed_point(w0, True)) if inner else nn.GELU()
+
+        self.patch_embed = nn.Conv2d(in_channels, w0 * up * up, patch, patch, bias=False)
+        self.stem = nn.Sequential(
+            nn.PixelShuffle(up),
+            nn.BatchNorm2d(w0),
+            act(),
+            nn.Conv2d(w0, w0, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w0),
+            act(),
+        )
+        groups, cin = [], w0
+        for i, w in enumerate(widths[1:]):
+            groups.append(ConvGroup(cin, w, inner, last_signs=i < len(widths) - 2))
+            cin = w
+        self.groups = nn.Sequential(*groups)
+        self.head = nn.Linear(cin, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.groups(self.stem(self.patch_embed(x)))
+        return self.head(torch.flatten(nn.functional.adaptive_max_pool2d(x, 1), 1))
+
+
+@register_model
+def upnet(
+    num_classes: int,
+    in_channels: int = 3,
+    patch: int = 4,
+    width: float = 1.0,
+    up: int | None = None,
+    inner: bool = False,
+    widths: Sequence[int] = (64, 128, 256, 256),
+) -> nn.Module:
+    """Block-aligned net at twice patchnet's resolution (:class:`UpNet`); set ``patch`` to the key's block
+    size (the trainer does). ``up``: depth-to-space factor (default ``min(2, patch)``). ``widths``: the stem's
+    channels, then each conv group's (each group halves the resolution), all times ``width``. ``inner``: a
+    keyed point after every activation, for keys with an inner part."""
+    if len(widths) < 2:
+        raise BlockkeyError(f"upnet: widths needs the stem and at least one group; got {list(widths)}")
+    chans = tuple(max(8, round(w * width)) for w in widths)
+    return UpNet(num_classes, in_channels, patch, min(2, patch) if up is None else up, chans, inner)
 
 
 class TableEmbed(nn.Module):

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-__all__ = ["AMP_MODES", "autocast", "normalise", "pick_device", "predict_accuracy", "resolve_amp"]
+__all__ = ["AMP_MODES", "autocast", "normalise", "pick_device", "predict_accuracy", "predict_views", "resolve_amp"]
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
@@ -63,7 +63,17 @@ def predict_accuracy(
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
-            pred = model(x).argmax(1)
+            pred = predict_views(model, x).argmax(1)
         correct += int((pred == y).sum())
         total += y.numel()
     return correct / max(1, total)
+
+
+def predict_views(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` for a batch ``(B, C, H, W)``; for views ``(B, V, C, H, W)`` (a loader's ``flip_views``)
+    the mean of the V softmax outputs, as log-probabilities ``(B, classes)``."""
+    if x.dim() != 5:
+        return model(x)
+    b, v = x.shape[:2]
+    probs = model(x.flatten(0, 1)).float().softmax(1)
+    return probs.view(b, v, -1).mean(1).log()

@@ -56,7 +56,7 @@ OPTIMIZERS = ("sgd", "adam")  # SGD with (Nesterov) momentum, AdamW
 
 @dataclass
 class TrainConfig:
-    model: str = "fastnet"
+    model: str = "upnet"  # block-aligned: the key costs nothing for shuffle and negpos (docs/results.md)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: int = 10
     batch_size: int = 256
@@ -64,18 +64,19 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     peak: float = 0.2  # fraction of training at which the triangular LR peaks (0.5: the paper's cyclic LR)
     seed: int = 0
     amp: str = "auto"  # auto (bf16) | bf16 | fp16 | off
     channels_last: bool = True
-    norm: str = "channel"  # channel | position (per block position of the key) | none (raw values)
+    norm: str = "position"  # position (per block position of the key) | channel | none (raw values)
     crop_padding: int = 4
     flip: bool = True
     init_from: str | None = None  # a run directory whose weights start training (fine-tuning)
     train_layers: str = "all"  # all | first (first layer with weights) | last (the head) | block:N (layer_blocks)
     optimizer: str = "sgd"  # sgd (Nesterov momentum) | adam (AdamW: decoupled weight decay)
     sign_loss: float = 1.0  # weight of the passport sign loss (passport models only)
+    ema: float = 0.0  # per-step decay of an average of the weights (and BN statistics) that is saved; 0: off
 
     def __post_init__(self) -> None:
         """Every field in its range (:class:`~blockkey.errors.OptionError` names the first one that is not)."""
@@ -89,6 +90,7 @@ class TrainConfig:
         at.SEED.check("seed", self.seed)
         at.NON_NEGATIVE_INT.check("crop_padding", self.crop_padding)
         at.NON_NEGATIVE.check("sign_loss", self.sign_loss)
+        at.PROBABILITY.check("ema", self.ema)
         for name, value, allowed in (
             ("amp", self.amp, AMP_MODES),
             ("norm", self.norm, NORM_MODES),
@@ -335,7 +337,7 @@ def _fit(
     model = _build_model(train, key, cfg, passports, device)
     loop = _make_loop(train, val, transform, normalize, model, cfg, device, dist, passports, progress)
     identity = _identity(cfg, key, passports)
-    start_epoch, history = _read_state(state_dir, identity, model, loop.opt, device) if state_dir else (0, [])
+    start_epoch, history = _read_state(state_dir, identity, loop, device) if state_dir else (0, [])
     if state_dir:
         say(f"resuming {run} after epoch {start_epoch}/{cfg.epochs}")
     loop.net = _wrap(model, dist, device, compile_model)
@@ -355,9 +357,9 @@ def _fit(
             + f"  {row['seconds']:.0f}s"
         )
         if dist.main and epoch + 1 < cfg.epochs:
-            _save_state(run, model, loop.opt, {**identity, "epoch": epoch + 1, "history": history})
+            _save_state(run, loop, {**identity, "epoch": epoch + 1, "history": history})
     meta = _run_meta(cfg, train, key, passports, normalize, data_info, dist, history)
-    _finish(run, model, meta, dist)
+    _finish(run, loop.result, meta, dist)
     return meta
 
 
@@ -456,10 +458,16 @@ class _Loop:
     sign_loss: bool
     progress: bool
     steps_per_epoch: int
+    ema: nn.Module | None = None  # torch's AveragedModel of ``model`` when cfg.ema > 0
 
     @property
     def total_steps(self) -> int:
         return self.cfg.epochs * self.steps_per_epoch
+
+    @property
+    def result(self) -> nn.Module:
+        """The module whose weights are the run's result: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def _make_loop(
@@ -509,7 +517,17 @@ def _make_loop(
         sign_loss=passports is not None and cfg.sign_loss > 0,
         progress=progress,
         steps_per_epoch=len(loader),
+        ema=_weight_average(model, cfg.ema),
     )
+
+
+def _weight_average(model: nn.Module, decay: float) -> nn.Module | None:
+    """An exponential moving average of ``model``'s weights and buffers (torch's AveragedModel), or None."""
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _wrap(model: nn.Module, dist: _Dist, device: torch.device, compile_model: bool) -> nn.Module:
@@ -549,6 +567,8 @@ def _train_epoch(loop: _Loop, epoch: int, main: bool) -> dict[str, Any]:
         loop.scaler.scale(loss).backward()
         loop.scaler.step(loop.opt)
         loop.scaler.update()
+        if loop.ema is not None:
+            loop.ema.update_parameters(loop.model)
         loss_sum += loss.detach() * y.numel()
         correct += (out.argmax(1) == y).sum()
         seen += y.numel()
@@ -561,7 +581,7 @@ def _train_epoch(loop: _Loop, epoch: int, main: bool) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - t0, 1),
     }
     if loop.val_loader is not None and main:
-        row["val_acc"] = round(predict_accuracy(loop.model, loop.val_loader, device, loop.amp, cfg.channels_last), 4)
+        row["val_acc"] = round(predict_accuracy(loop.result, loop.val_loader, device, loop.amp, cfg.channels_last), 4)
     return row
 
 
@@ -593,13 +613,15 @@ def _identity(cfg: TrainConfig, key: KeySet | None, passports: Passports | None)
     return {"config": asdict(cfg), "key": key_info(key), "passport": passports.info() if passports else None}
 
 
-def _save_state(run: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def _save_state(run: Path, loop: _Loop, state: dict[str, Any]) -> None:
     """A complete resumable state in ``state-NNNN/``, then the LATEST pointer, then old states go."""
     name = f"state-{state['epoch']:04d}"
     d = run / name
     d.mkdir(exist_ok=True)
-    save_tensors_atomic(d / "model.safetensors", model.state_dict())
-    save_tensors_atomic(d / "optimizer.safetensors", _optimizer_tensors(opt))
+    save_tensors_atomic(d / "model.safetensors", loop.model.state_dict())
+    save_tensors_atomic(d / "optimizer.safetensors", _optimizer_tensors(loop.opt))
+    if loop.ema is not None:
+        save_tensors_atomic(d / "ema.safetensors", loop.ema.state_dict())
     write_json_atomic(d / "state.json", state)
     write_text(run / "LATEST", name)
     for old in run.glob("state-*"):
@@ -608,9 +630,10 @@ def _save_state(run: Path, model: nn.Module, opt: torch.optim.Optimizer, state: 
 
 
 def _read_state(
-    state_dir: Path, identity: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, device: torch.device
+    state_dir: Path, identity: dict[str, Any], loop: _Loop, device: torch.device
 ) -> tuple[int, list[dict[str, Any]]]:
-    """Load a state written by :func:`_save_state` into ``model`` and ``opt``: (epochs done, history)."""
+    """Load a state written by :func:`_save_state` into the loop's model, optimizer and weight average:
+    (epochs done, history)."""
     try:
         state = json.loads((state_dir / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -620,6 +643,8 @@ def _read_state(
     for name, what in _IDENTITY_ERRORS.items():
         if state.get(name) != identity[name]:
             raise CheckpointError(f"{state_dir.parent}: --resume with {what}")
-    model.load_state_dict(load_weights(state_dir / "model.safetensors"))
-    _load_optimizer(opt, {k: v.to(device) for k, v in load_weights(state_dir / "optimizer.safetensors").items()})
+    loop.model.load_state_dict(load_weights(state_dir / "model.safetensors"))
+    _load_optimizer(loop.opt, {k: v.to(device) for k, v in load_weights(state_dir / "optimizer.safetensors").items()})
+    if loop.ema is not None:
+        loop.ema.load_state_dict({k: v.to(device) for k, v in load_weights(state_dir / "ema.safetensors").items()})
     return state["epoch"], state["history"]

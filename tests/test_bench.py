@@ -103,3 +103,6 @@ def test_table_only_runs_read_finished_results(tmp_path, capsys):
     assert set(repro.RECIPES) == set(bench.PAPER_RECIPES)
     repro.main(["--table", "--out", str(tmp_path / "empty")])
     assert capsys.readouterr().out.count("\n") == 2  # the header alone
+    study = importlib.import_module("benchmarks.architecture_study")
+    study.main(["--table", "--out", str(tmp_path / "empty")])
+    assert capsys.readouterr().out.count("\n") == 2

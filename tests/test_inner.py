@@ -90,28 +90,44 @@ class TestChannelKey:
             use_inner_key(create_model("patchnet", 3, patch=2, width=0.1), KeySet.generate("inner", 2))
         use_inner_key(create_model("patchnet", 3, patch=2, width=0.1), None)  # nothing to do
 
-    def test_state_dict_names_match_the_plain_model(self):
-        plain = create_model("patchnet", 10, patch=4, width=0.25)
-        keyed = create_model("patchnet", 10, patch=4, width=0.25, inner=True)
+    @pytest.mark.parametrize(("name", "points"), [("patchnet", 6), ("upnet", 8)])
+    def test_state_dict_names_match_the_plain_model(self, name, points):
+        plain = create_model(name, 10, patch=4, width=0.25)
+        keyed = create_model(name, 10, patch=4, width=0.25, inner=True)
         assert list(plain.state_dict()) == list(keyed.state_dict())
-        assert len(keyed_points(keyed)) == 6
+        assert len(keyed_points(keyed)) == points
 
 
-def fold_inner_into_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Reference: the plain patchnet weights computing what ``model`` computes with its keyed points.
-
-    A point feeding channel ``perm[j]`` times ``sign[j]`` into input column ``j`` of the next layer is the
-    plain layer with column ``perm[j]`` = ``sign[j]`` x column ``j``.
-    """
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    consumers = {  # keyed point -> the layer reading its output
+CONSUMERS = {  # keyed point -> the layer reading its output
+    "patchnet": {
         "embed.2.1": "embed.3.weight",
         "embed.5.1": "groups.0.conv1.weight",
         "groups.0.key1": "groups.0.conv2.weight",
         "groups.0.key2": "groups.1.conv1.weight",
         "groups.1.key1": "groups.1.conv2.weight",
         "groups.1.key2": "head.weight",
-    }
+    },
+    "upnet": {
+        "stem.2.1": "stem.3.weight",
+        "stem.5.1": "groups.0.conv1.weight",
+        "groups.0.key1": "groups.0.conv2.weight",
+        "groups.0.key2": "groups.1.conv1.weight",
+        "groups.1.key1": "groups.1.conv2.weight",
+        "groups.1.key2": "groups.2.conv1.weight",
+        "groups.2.key1": "groups.2.conv2.weight",
+        "groups.2.key2": "head.weight",
+    },
+}
+
+
+def fold_inner_into_weights(model: torch.nn.Module, name: str = "patchnet") -> dict[str, torch.Tensor]:
+    """Reference: the plain model's weights computing what ``model`` computes with its keyed points.
+
+    A point feeding channel ``perm[j]`` times ``sign[j]`` into input column ``j`` of the next layer is the
+    plain layer with column ``perm[j]`` = ``sign[j]`` x column ``j``.
+    """
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    consumers = CONSUMERS[name]
     for name, point in keyed_points(model).items():
         w = state[consumers[name]]
         folded = torch.empty_like(w)
@@ -121,17 +137,18 @@ def fold_inner_into_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_inner_key_is_a_relabelling_of_the_next_layers():
+@pytest.mark.parametrize("name", list(CONSUMERS))
+def test_inner_key_is_a_relabelling_of_the_next_layers(name):
     """With its key the keyed model computes exactly what a plain model with folded weights computes."""
     torch.manual_seed(0)
-    keyed = create_model("patchnet", 10, patch=4, width=0.25, inner=True).double().eval()
+    keyed = create_model(name, 10, patch=4, width=0.25, inner=True).double().eval()
     for m in keyed.modules():  # non-trivial BatchNorm statistics
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2)
     use_inner_key(keyed, with_inner(rand_key("negpos", 4), 7))
-    plain = create_model("patchnet", 10, patch=4, width=0.25).double().eval()
-    plain.load_state_dict(fold_inner_into_weights(keyed))
+    plain = create_model(name, 10, patch=4, width=0.25).double().eval()
+    plain.load_state_dict(fold_inner_into_weights(keyed, name))
     x = torch.rand(4, 3, 16, 16, dtype=torch.float64)
     assert torch.allclose(keyed(x), plain(x), atol=1e-10)
     use_inner_key(keyed, None)

@@ -23,6 +23,7 @@ from .reference import reference_encrypt
 RECIPES = ["shuffle", "negpos", "shuffle,negpos", "negpos,shuffle", "shuffle,negpos,shuffle,negpos"]
 SMALL = {
     "patchnet": {"width": 0.125},
+    "upnet": {"width": 0.125},
     "convmixer": {"dim": 32, "depth": 2, "kernel": 3},
     "vit": {"dim": 32, "depth": 2, "heads": 2},
 }

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from blockkey import KeyedTransform, KeySet
-from blockkey.checkpoint import CheckpointError, load_model
+from blockkey.checkpoint import CheckpointError, copy_run_half, load_model
 from blockkey.data import (
     BatchLoader,
     DataError,
@@ -143,6 +143,31 @@ class TestFit:
         wrong = evaluate_run(tmp_path / "run", va, rand_key("shuffle,negpos", 4, seed=9), wrong_keys=0)
         assert wrong.key_matches is False and "NOT the model's key" in wrong.rows[0]["setting"]
 
+    def test_flip_tta_averages_the_image_and_its_mirror_keyed_after_the_flip(self, tmp_path):
+        """Classes that a mirror swaps (bright left half / bright right half / neither), trained without flips:
+        evaluation with --tta matches the average of the two views computed here, and differs from without."""
+        g = torch.Generator().manual_seed(0)
+        labels = torch.arange(60) % 3
+        images = torch.randint(0, 60, (60, 3, 32, 32), dtype=torch.uint8, generator=g)
+        images[labels == 0, :, :, :16] += 150
+        images[labels == 1, :, :, 16:] += 150
+        data = ImageTensors(images, labels, ("left", "right", "neither"))
+        key = rand_key("shuffle,negpos", 4, seed=3)
+        cfg = TrainConfig(epochs=4, norm="position", flip=False, **CFG | {"model": "patchnet"})
+        fit(data, None, key, cfg, tmp_path / "run", progress=False, log=lambda s: None)
+        model, meta = load_model(tmp_path / "run")
+        model.eval()
+        mean, std = meta.normalize.tensors(meta.image_shape, "cpu")
+        tf = KeyedTransform(key)
+        with torch.no_grad():
+            views = [model((tf(x) - mean) / std).softmax(1) for x in (images, images.flip(-1))]
+        expected = ((views[0] + views[1]).argmax(1) == labels).float().mean().item()
+        with_tta = evaluate_run(tmp_path / "run", data, key, wrong_keys=0, progress=False, tta=True)
+        without = evaluate_run(tmp_path / "run", data, key, wrong_keys=0, progress=False)
+        assert with_tta.rows[0]["accuracy"] == pytest.approx(expected) and with_tta.to_json()["flip_tta"] is True
+        assert without.rows[0]["accuracy"] == pytest.approx((views[0].argmax(1) == labels).float().mean().item())
+        assert without.rows[0]["accuracy"] > 0.9 and with_tta.rows[0]["accuracy"] < 0.8  # the mirror swaps classes
+
     def test_checkpoint_has_no_key_material(self, tmp_path):
         data = colour_data(8)
         key = KeySet.generate("shuffle,negpos,ffx", 4)
@@ -160,11 +185,51 @@ class TestFit:
             "channels": 3,
         }
 
+    def test_weight_average_is_the_ema_of_the_raw_steps(self, tmp_path, monkeypatch):
+        """--ema: the saved weights and BN statistics are e_1 = w_1, e_k = d e_(k-1) + (1 - d) w_k over the raw
+        weights after each optimizer step (recorded by wrapping SGD.step, outside the trainer)."""
+        data = colour_data(16)  # 48 images, batch 16: 3 steps an epoch
+        key = rand_key("shuffle,negpos", 4)
+        cfg = TrainConfig(epochs=2, norm="position", **CFG)
+        snapshots: list[dict[str, torch.Tensor]] = []
+        step = torch.optim.SGD.step
+
+        def recording_step(opt, *args, **kwargs):
+            out = step(opt, *args, **kwargs)
+            snapshots.append({k: v.detach().clone() for k, v in recording_step.model.state_dict().items()})
+            return out
+
+        real_create = create_model
+
+        def create(*args, **kwargs):
+            recording_step.model = real_create(*args, **kwargs)
+            return recording_step.model
+
+        monkeypatch.setattr("blockkey.train.create_model", create)
+        monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+        fit(data, None, key, dataclasses.replace(cfg, ema=0.6), tmp_path / "ema", progress=False, log=lambda s: None)
+        assert len(snapshots) == 6
+        expected = {k: v.double() for k, v in snapshots[0].items()}
+        for snap in snapshots[1:]:
+            expected = {k: 0.6 * expected[k] + 0.4 * snap[k].double() for k in expected}
+        saved, _ = load_model(tmp_path / "ema")
+        for name, value in saved.state_dict().items():
+            if value.is_floating_point():
+                torch.testing.assert_close(value.double(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert not torch.equal(saved.state_dict()["head.weight"], snapshots[-1]["head.weight"])
+
+        snapshots.clear()  # the average does not change the training itself
+        fit(data, None, key, cfg, tmp_path / "raw", progress=False, log=lambda s: None)
+        raw, _ = load_model(tmp_path / "raw")
+        for name, value in raw.state_dict().items():
+            assert torch.equal(value, snapshots[-1][name]), name
+
     @pytest.mark.slow  # more than 10 s on a 2-vCPU VM
-    def test_resume_after_interruption_gives_identical_weights(self, tmp_path):
+    @pytest.mark.parametrize("ema", [0.0, 0.9])
+    def test_resume_after_interruption_gives_identical_weights(self, tmp_path, ema):
         data = colour_data(24)
         key = rand_key("shuffle,negpos", 4)
-        cfg = TrainConfig(epochs=3, **CFG)
+        cfg = TrainConfig(epochs=3, ema=ema, **CFG)
         fit(data, None, key, cfg, tmp_path / "a", progress=False, log=lambda s: None)
 
         def die_in_epoch_2(line):
@@ -225,6 +290,23 @@ class TestFit:
         assert torch.equal(aligned.labels, data.labels)
         with pytest.raises(DataError, match=r"\['dog'\] are not classes"):
             align_classes(ImageTensors(data.images, data.labels, ("class0", "class1", "dog")), list(data.classes))
+
+
+def test_half_copy_of_a_run_loads_as_float32_with_float16_rounding_only(tmp_path):
+    data = colour_data(8)
+    key = rand_key("shuffle,negpos", 4)
+    fit(data, None, key, TrainConfig(epochs=1, **CFG), tmp_path / "run", progress=False, log=lambda s: None)
+    copy_run_half(tmp_path / "run", tmp_path / "half")
+    full, meta = load_model(tmp_path / "run")
+    half, half_meta = load_model(tmp_path / "half")
+    assert half_meta == meta
+    for (name, a), b in zip(full.state_dict().items(), half.state_dict().values(), strict=True):
+        assert b.dtype == a.dtype, name  # cast back on load
+        assert torch.equal(b, a.half().to(a.dtype)) if a.is_floating_point() else torch.equal(a, b), name
+    size = (tmp_path / "half" / "model.safetensors").stat().st_size
+    assert size < 0.6 * (tmp_path / "run" / "model.safetensors").stat().st_size
+    report = evaluate_run(tmp_path / "half", data, key, wrong_keys=0, progress=False)
+    assert report.key_matches  # the fingerprint travels in the metadata
 
 
 def test_corrupt_checkpoint_refused(tmp_path):
