@@ -253,6 +253,38 @@ class ConvGroup(nn.Module):
         return self.key2(self.act(self.bn2(self.conv2(x))))
 
 
+def _act(channels: int, inner: bool) -> nn.Module:
+    """GELU, then with inner keys a keyed point (the state-dict names are the same either way)."""
+    return nn.Sequential(nn.GELU(), _keyed_point(channels, True)) if inner else nn.GELU()
+
+
+def _stem(first: nn.Module, channels: int, inner: bool) -> nn.Sequential:
+    """``first`` (the block embedding, or what follows it) -> BN -> act -> 3x3 conv -> BN -> act."""
+    return nn.Sequential(
+        first,
+        nn.BatchNorm2d(channels),
+        _act(channels, inner),
+        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        _act(channels, inner),
+    )
+
+
+def _conv_groups(cin: int, widths: Sequence[int], inner: bool) -> nn.Sequential:
+    """One :class:`ConvGroup` per width (each halves the resolution); the last keeps its signs for the max
+    pool of :func:`_pool_head`."""
+    groups = []
+    for i, w in enumerate(widths):
+        groups.append(ConvGroup(cin, w, inner, last_signs=i < len(widths) - 1))
+        cin = w
+    return nn.Sequential(*groups)
+
+
+def _pool_head(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Global max pool, then the linear classifier."""
+    return head(torch.flatten(nn.functional.adaptive_max_pool2d(x, 1), 1))
+
+
 class FastNet(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 3, widths: tuple[int, ...] = (64, 128, 256)) -> None:
         super().__init__()
@@ -265,8 +297,7 @@ class FastNet(nn.Module):
         self.head = nn.Linear(cin, num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.groups(self.stem(x))
-        return self.head(torch.flatten(nn.functional.adaptive_max_pool2d(x, 1), 1))
+        return _pool_head(self.head, self.groups(self.stem(x)))
 
 
 @register_model
@@ -286,32 +317,16 @@ class PatchNet(nn.Module):
     ) -> None:
         super().__init__()
         w0 = widths[0]
-
-        def act() -> nn.Module:  # with inner keys: GELU then a keyed point (same state-dict names either way)
-            return nn.Sequential(nn.GELU(), _keyed_point(w0, True)) if inner else nn.GELU()
-
-        self.embed = nn.Sequential(
-            nn.Conv2d(in_channels, w0, patch, patch, bias=False),
-            nn.BatchNorm2d(w0),
-            act(),
-            nn.Conv2d(w0, w0, 3, padding=1, bias=False),
-            nn.BatchNorm2d(w0),
-            act(),
-        )
-        groups, cin = [], w0
-        for i, w in enumerate(widths[1:]):
-            groups.append(ConvGroup(cin, w, inner, last_signs=i < len(widths) - 2))
-            cin = w
-        self.groups = nn.Sequential(*groups)
-        self.head = nn.Linear(cin, num_classes, bias=False)
+        self.embed = _stem(nn.Conv2d(in_channels, w0, patch, patch, bias=False), w0, inner)
+        self.groups = _conv_groups(w0, widths[1:], inner)
+        self.head = nn.Linear(widths[-1], num_classes, bias=False)
 
     @property
     def patch_embed(self) -> nn.Module:  # a convolution here; TablePatchNet's is not (see patch_embedding)
         return self.embed[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.groups(self.embed(x))
-        return self.head(torch.flatten(nn.functional.adaptive_max_pool2d(x, 1), 1))
+        return _pool_head(self.head, self.groups(self.embed(x)))
 
 
 @register_model
@@ -346,29 +361,13 @@ class UpNet(nn.Module):
         if up < 1 or patch % up:
             raise BlockkeyError(f"upnet: up must divide the patch (block) size {patch}; got {up}")
         w0 = widths[0]
-
-        def act() -> nn.Module:  # with inner keys: GELU then a keyed point (same state-dict names either way)
-            return nn.Sequential(nn.GELU(), _keyed_point(w0, True)) if inner else nn.GELU()
-
         self.patch_embed = nn.Conv2d(in_channels, w0 * up * up, patch, patch, bias=False)
-        self.stem = nn.Sequential(
-            nn.PixelShuffle(up),
-            nn.BatchNorm2d(w0),
-            act(),
-            nn.Conv2d(w0, w0, 3, padding=1, bias=False),
-            nn.BatchNorm2d(w0),
-            act(),
-        )
-        groups, cin = [], w0
-        for i, w in enumerate(widths[1:]):
-            groups.append(ConvGroup(cin, w, inner, last_signs=i < len(widths) - 2))
-            cin = w
-        self.groups = nn.Sequential(*groups)
-        self.head = nn.Linear(cin, num_classes, bias=False)
+        self.stem = _stem(nn.PixelShuffle(up), w0, inner)
+        self.groups = _conv_groups(w0, widths[1:], inner)
+        self.head = nn.Linear(widths[-1], num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.groups(self.stem(self.patch_embed(x)))
-        return self.head(torch.flatten(nn.functional.adaptive_max_pool2d(x, 1), 1))
+        return _pool_head(self.head, self.groups(self.stem(self.patch_embed(x))))
 
 
 @register_model
