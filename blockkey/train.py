@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import __version__
 from . import argtypes as at
@@ -458,7 +459,7 @@ class _Loop:
     sign_loss: bool
     progress: bool
     steps_per_epoch: int
-    ema: nn.Module | None = None  # torch's AveragedModel of ``model`` when cfg.ema > 0
+    ema: AveragedModel | None = None  # the weight average of ``model`` when cfg.ema > 0
 
     @property
     def total_steps(self) -> int:
@@ -467,7 +468,10 @@ class _Loop:
     @property
     def result(self) -> nn.Module:
         """The module whose weights are the run's result: the weight average when there is one."""
-        return self.ema.module if self.ema is not None else self.model
+        if self.ema is None:
+            return self.model
+        module: nn.Module = self.ema.module
+        return module
 
 
 def _make_loop(
@@ -521,12 +525,10 @@ def _make_loop(
     )
 
 
-def _weight_average(model: nn.Module, decay: float) -> nn.Module | None:
+def _weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
     """An exponential moving average of ``model``'s weights and buffers (torch's AveragedModel), or None."""
     if decay <= 0:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 

@@ -391,6 +391,8 @@ class TestCLIErrors:
             "8",
             "--amp",
             "off",
+            "--model",
+            "fastnet",  # the default upnet (and patchnet) need 16x16 images at M=4; these are 8x8
             "-o",
             tmp_path / "run",
         ]

@@ -156,10 +156,14 @@ def _consistent_channels(a: Tensor, groups: list[list[int]], link: Tensor) -> li
 
 def _hierarchical_match(
     a: Tensor, b: Tensor, clear: Tensor, c: int, rng: random.Random, restarts: int, chan: Tensor | None
-) -> Tensor:
+) -> Tensor | None:
+    """Pixels first (groups of ``c`` positions), then the channels inside each; None when the greedy
+    grouping leaves more groups than the block has pixels (the flat match stands alone then)."""
     length = a.shape[0]
     cells = length // c
     groups = _pixel_groups(a, clear, c, chan)
+    if len(groups) > cells:
+        return None
     link = torch.zeros(cells, cells, dtype=a.dtype)
     for i, gi in enumerate(groups):
         for j, gj in enumerate(groups):
@@ -209,7 +213,8 @@ def _match_positions(
     flat = match(a * w, b, restarts, rng, observed=clear, lin=lin)
     candidates = [flat]
     if c > 1 and int(clear.sum()) > c:
-        candidates.append(_hierarchical_match(a, b, clear, c, rng, restarts, chan))
+        grouped = _hierarchical_match(a, b, clear, c, rng, restarts, chan)
+        candidates += [grouped] if grouped is not None else []
     return max(candidates, key=lambda s: match_objective(a * w, w, b, s, lin))
 
 
