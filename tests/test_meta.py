@@ -113,7 +113,8 @@ def test_released_checkpoints_load_and_write_back_the_same_document(path, tmp_pa
     # the same keys and values; a run written before passports gains the explicit "passport": null
     assert meta.to_json() == {"passport": None, **doc}
     order = list(doc)
-    order.insert(order.index("key") + 1, "passport")
+    if "passport" not in order:  # released before passports existed
+        order.insert(order.index("key") + 1, "passport")
     assert list(meta.to_json()) == order  # and in the same order
 
 
