@@ -156,6 +156,7 @@ def accuracy(args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
                 batch_size=128,
                 lr=args.lr,
                 label_smoothing=0.1,
+                norm="channel",  # as measured (train's default then; resnet18_cifar is not block-aligned)
                 amp="bf16" if args.amp else "off",
             )
             key = KeySet.generate(RECIPE, 4) if kind == "key" else None

@@ -22,6 +22,7 @@ from blockkey import bench
 from blockkey.bench import PAPER_RECIPES as RECIPES
 from blockkey.checkpoint import copy_run_half
 from blockkey.data import load_dataset, stratified_split
+from blockkey.models import model_accepts
 
 EPOCHS = 34  # upnet: about 37 s an epoch on the 2-vCPU VM, 21 minutes in all (docs/results.md)
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                 val,
                 args,
                 wrong_keys=args.wrong_keys,
-                model_kwargs={"width": args.width},
+                model_kwargs={"width": args.width} if model_accepts(args.model, "width") else {},
                 config={"ema": args.ema},
             )
             results.put(name, entry)

@@ -113,6 +113,9 @@ def copy_run_half(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> N
         metadata = f.metadata()
     dst.mkdir(parents=True, exist_ok=True)
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    overflow = [k for k, v in half.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if overflow:
+        raise CheckpointError(f"{src}: {overflow[0]} does not fit float16 (values beyond 65504); keep float32")
     save_tensors_atomic(dst / "model.safetensors", half, metadata)
     write_json_atomic(dst / "meta.json", meta.to_json())
 

@@ -157,7 +157,7 @@ def evaluate_model(
 
     model_key = meta.key
     if meta.passport or passports is not None:
-        return _evaluate_passports(model, meta, data, key, passports, wrong_keys, acc, progress)
+        return _evaluate_passports(model, meta, data, key, passports, wrong_keys, acc, progress, tta)
     rows = []
     matches = None
     if key is not None:
@@ -189,6 +189,7 @@ def _evaluate_passports(
     forged: int,
     acc: Callable[[KeyedTransform | None], float],
     progress: bool,
+    tta: bool = False,
 ) -> EvalReport:
     from tqdm import tqdm
 
@@ -215,7 +216,7 @@ def _evaluate_passports(
     if passports is not None:
         passports.attach(model)  # leave the model as given
     given = passports.fingerprint if passports is not None else None
-    return EvalReport(meta.model, None, given, matches, len(data), meta.num_classes, rows)
+    return EvalReport(meta.model, None, given, matches, len(data), meta.num_classes, rows, tta)
 
 
 def evaluate_run(run_dir: str | os.PathLike[str], data: Data, key: KeySet | None, **kwargs: Any) -> EvalReport:

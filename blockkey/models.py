@@ -381,13 +381,13 @@ def upnet(
     widths: Sequence[int] = (64, 128, 256, 256),
 ) -> nn.Module:
     """Block-aligned net at twice patchnet's resolution (:class:`UpNet`); set ``patch`` to the key's block
-    size (the trainer does). ``up``: depth-to-space factor (default ``min(2, patch)``). ``widths``: the stem's
-    channels, then each conv group's (each group halves the resolution), all times ``width``. ``inner``: a
-    keyed point after every activation, for keys with an inner part."""
+    size (``blockkey train`` does). ``up``: depth-to-space factor (default 2, or 1 for an odd block size).
+    ``widths``: the stem's channels, then each conv group's (each halves the resolution), all times
+    ``width``. ``inner``: a keyed point after every activation, for keys with an inner part."""
     if len(widths) < 2:
         raise BlockkeyError(f"upnet: widths needs the stem and at least one group; got {list(widths)}")
     chans = tuple(max(8, round(w * width)) for w in widths)
-    return UpNet(num_classes, in_channels, patch, min(2, patch) if up is None else up, chans, inner)
+    return UpNet(num_classes, in_channels, patch, (2 if patch % 2 == 0 else 1) if up is None else up, chans, inner)
 
 
 class TableEmbed(nn.Module):

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from . import __version__
 from . import argtypes as at
@@ -446,7 +446,7 @@ def _build_model(
 class _Loop:
     """What one training epoch needs (built once by :func:`_make_loop`)."""
 
-    model: nn.Module  # the module whose weights are saved
+    model: nn.Module  # the module being trained (its weights are saved unless ``ema`` averages them)
     net: nn.Module  # what the batches go through (DDP / compiled wrapper of ``model``, or ``model``)
     opt: torch.optim.Optimizer
     loader: BatchLoader | StreamLoader
@@ -529,7 +529,19 @@ def _weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
     """An exponential moving average of ``model``'s weights and buffers (torch's AveragedModel), or None."""
     if decay <= 0:
         return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return AveragedModel(model, avg_fn=_ema_step(decay), use_buffers=True)
+
+
+def _ema_step(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | int], torch.Tensor]:
+    """``e <- decay e + (1 - decay) w`` for floating tensors; integer buffers (BN's step count, a keyed point's
+    permutation, a table's offsets) take the model's value: averaging them would truncate them to garbage."""
+
+    def step(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor | int) -> torch.Tensor:
+        if not averaged.is_floating_point():
+            return current.detach().clone()
+        return averaged + (current.detach() - averaged) * (1 - decay)
+
+    return step
 
 
 def _wrap(model: nn.Module, dist: _Dist, device: torch.device, compile_model: bool) -> nn.Module:
