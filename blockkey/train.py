@@ -43,7 +43,7 @@ from .fileio import write_text
 from .inner import use_inner_key
 from .keys import KeySet
 from .meta import KeyInfo, RunMeta, key_info
-from .models import create_model
+from .models import block_aligned, create_model, patch_embedding
 from .passport import PassportError, Passports, passport_layers, sign_loss
 from .runtime import AMP_MODES, autocast, pick_device, predict_accuracy, resolve_amp
 from .transforms import KeyedTransform
@@ -434,6 +434,12 @@ def _build_model(
     elif has_passport_layers:
         raise PassportError(f"{cfg.model} {cfg.model_kwargs} has passport layers: give it passports")
     use_inner_key(model, key)  # the key's inner part at the model's keyed points (identity without one)
+    embed = patch_embedding(model) if key is not None and block_aligned(cfg.model) else None
+    if key is not None and embed is not None and tuple(embed.stride) != (key.block_size, key.block_size):
+        raise ShapeError(
+            f"{cfg.model}'s patch embedding has stride {tuple(embed.stride)}, the key's blocks are "
+            f"{key.block_size}x{key.block_size}: set model_kwargs patch={key.block_size}"
+        )
     _probe(model, train.image_shape, cfg.model)
     freeze_except(model, cfg.train_layers)
     model = model.to(device)

@@ -23,6 +23,7 @@ from blockkey.data import (
     stratified_split,
     stratified_subset,
 )
+from blockkey.errors import ShapeError
 from blockkey.evaluate import align_classes, evaluate_run
 from blockkey.models import create_model, list_models
 from blockkey.train import TrainConfig, fit
@@ -309,6 +310,14 @@ def test_half_copy_of_a_run_loads_as_float32_with_float16_rounding_only(tmp_path
     assert size < 0.6 * (tmp_path / "run" / "model.safetensors").stat().st_size
     report = evaluate_run(tmp_path / "half", data, key, wrong_keys=0, progress=False)
     assert report.key_matches  # the fingerprint travels in the metadata
+
+
+def test_block_aligned_model_must_match_the_key_blocks(tmp_path):
+    """fit() from Python with a block-aligned model whose patch differs from the key's block size refuses."""
+    data = colour_data(8)
+    cfg = TrainConfig(epochs=1, model="patchnet", model_kwargs={"patch": 4}, batch_size=8, amp="off")
+    with pytest.raises(ShapeError, match="set model_kwargs patch=2"):
+        fit(data, None, rand_key("shuffle", 2), cfg, tmp_path / "run", progress=False, log=lambda s: None)
 
 
 def test_corrupt_checkpoint_refused(tmp_path):
