@@ -29,9 +29,9 @@ EPOCHS = 34  # upnet: about 37 s an epoch on the 2-vCPU VM, 21 minutes in all (d
 
 def table(results: dict) -> str:
     lines = [
-        "| recipe (M=4) | model | epochs | train time | correct key | with flip TTA | plain images "
+        "| recipe (M=4) | model | epochs | train time | correct key | flip TTA | shift TTA | plain images "
         "| wrong keys: mean (std, max) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in RECIPES:
         r = results.get(name)
@@ -49,7 +49,7 @@ def table(results: dict) -> str:
             "-",
         )
         minutes = r["train_seconds"] / 60
-        tta = f"{r['tta_accuracy']:.1%}" if "tta_accuracy" in r else "-"
+        tta = " | ".join(f"{r[k]:.1%}" if k in r else "-" for k in ("tta_accuracy", "shift_tta_accuracy"))
         lines.append(
             f"| {name} | {r['model']} | {r['epochs']} | {minutes:.1f} min | {correct:.1%} | {tta} | {plain} | {wrong} |"
         )

@@ -246,9 +246,13 @@ def train_recipe(
     seconds = time.perf_counter() - start
     report = evaluate_run(run, val, key, wrong_keys=wrong_keys, progress=False, device=options.get("device"))
     print(report.to_markdown(), flush=True)
-    tta = evaluate_run(run, val, key, wrong_keys=0, progress=False, device=options.get("device"), tta=True)
+    tta = {
+        mode: evaluate_run(run, val, key, wrong_keys=0, progress=False, device=options.get("device"), tta=mode)
+        for mode in ("flip", "shift")
+    }
     return {
-        "tta_accuracy": tta.rows[0]["accuracy"],  # correct key (or the twin), image + mirror image averaged
+        "tta_accuracy": tta["flip"].rows[0]["accuracy"],  # correct key (or the twin), image + mirror averaged
+        "shift_tta_accuracy": tta["shift"].rows[0]["accuracy"],  # also one-pixel shifts (blockkey.tta)
         "model": model,
         "model_kwargs": kwargs,
         "epochs": epochs,

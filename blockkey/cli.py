@@ -414,7 +414,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.plot:
         check_output_suffix(args.plot)
         report.plot(args.plot)
-    head = f"{args.model} on {report.images} images of {spec}" + (" (flip test-time augmentation)" if args.tta else "")
+    views = "" if report.tta == "off" else f" (test-time augmentation: {report.tta})"
+    head = f"{args.model} on {report.images} images of {spec}{views}"
     if report.key_matches is False:
         head += f"\nWARNING: key {report.given_key} is not the key this model was trained with"
     _emit(
@@ -536,7 +537,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise BlockkeyError(f"--top-k and --batch-size take positive counts; got {args.top_k}, {args.batch_size}")
     if args.csv and Path(args.csv).exists() and not args.force:
         raise BlockkeyError(f"{args.csv} exists; refusing to overwrite (use --force)")
-    predictor = Predictor(args.model, args.key, passports=args.passport, device=args.device, batch_size=args.batch_size)
+    predictor = Predictor(
+        args.model, args.key, passports=args.passport, device=args.device, batch_size=args.batch_size, tta=args.tta
+    )
     paths = list_images(args.inputs)
     if not paths:
         raise ImageFileError(f"no image files in {' '.join(args.inputs)}")
@@ -957,7 +960,7 @@ def _add_evaluate(sub: Any) -> None:
         help="random wrong keys (forged passports for a passport model) to try (default %(default)s)",
     )
     sp.add_argument("--sample", type=at.COUNT, help="evaluate a stratified random sample of N images")
-    sp.add_argument("--tta", action="store_true", help="average each image with its mirror image (flipped, then keyed)")
+    _tta_option(sp)
     sp.add_argument("--plot", type=at.output_path, help="write a PNG bar plot here")
     sp.add_argument(
         "--stream", type=at.IMAGE_SIZE, metavar="SIZE", help="decode per batch at SIZE x SIZE (default: as trained)"
@@ -1069,7 +1072,22 @@ def _add_predict(sub: Any) -> None:
         "--batch-size", type=at.PREDICT_BATCH, default=64, help="images per forward pass (default %(default)s)"
     )
     sp.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, ... (default: cuda if present)")
+    _tta_option(sp)
     sp.set_defaults(func=cmd_predict)
+
+
+def _tta_option(sp: argparse.ArgumentParser) -> None:
+    from .tta import TTA_MODES
+
+    sp.add_argument(
+        "--tta",
+        nargs="?",
+        const="flip",
+        default="off",
+        choices=TTA_MODES,
+        help="test-time augmentation, each view keyed after it is taken: flip (the image and its mirror image; "
+        "the default of a bare --tta) or shift (also one-pixel shifts of both: 10 views)",
+    )
 
 
 def _add_export(sub: Any) -> None:

@@ -26,6 +26,7 @@ from .errors import BlockkeyError
 from .fileio import atomic_path
 from .runtime import normalise
 from .transforms import KeyedTransform
+from .tta import Views
 
 __all__ = [
     "BatchLoader",
@@ -432,8 +433,9 @@ class Normalize:
 class _KeyedBatches:
     """What every loader does on the device: key transform (or /255), then normalisation.
 
-    ``flip_views`` (evaluation): each batch holds every image and its mirror image, each keyed after the
-    flip, as ``(B, 2, C, H, W)``; :func:`blockkey.runtime.predict_views` averages the two predictions.
+    ``views`` (evaluation): each batch holds every test-time view of each image (:mod:`blockkey.tta`: mirror,
+    shifts), each keyed after it is taken, as ``(B, V, C, H, W)``; :func:`blockkey.runtime.predict_views`
+    averages the V predictions.
     """
 
     def __init__(
@@ -442,22 +444,22 @@ class _KeyedBatches:
         transform: KeyedTransform | None,
         normalize: Normalize | None,
         device: torch.device | str,
-        flip_views: bool = False,
+        views: Views | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.transform = transform.to(self.device) if transform is not None else None
         self.norm = normalize.tensors(shape, self.device) if normalize is not None else None
         self.epoch = 0
-        self.flip_views = flip_views
+        self.views = views
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def prepare(self, x: Tensor) -> Tensor:
         """uint8 batch -> key transform (or /255) -> normalisation: what the network sees (with
-        ``flip_views``, the plain image flipped first, then keyed: ``(B, 2, C, H, W)``)."""
-        if self.flip_views:
-            return torch.stack([self._keyed(x), self._keyed(x.flip(-1))], 1)
+        ``views``, each view taken from the plain image first, then keyed: ``(B, V, C, H, W)``)."""
+        if self.views is not None:
+            return torch.stack([self._keyed(v) for v in self.views.images(x)], 1)
         return self._keyed(x)
 
     def _keyed(self, x: Tensor) -> Tensor:
@@ -482,9 +484,9 @@ class StreamLoader(_KeyedBatches):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        flip_views: bool = False,
+        views: Views | None = None,
     ) -> None:
-        super().__init__(data.image_shape, transform, normalize, device, flip_views and not train)
+        super().__init__(data.image_shape, transform, normalize, device, None if train else views)
         self.data, self.batch_size, self.train, self.seed = data, batch_size, train, seed
         self.dataset = data.dataset(train)
         self.sampler: torch.utils.data.DistributedSampler[int] = torch.utils.data.DistributedSampler(
@@ -534,9 +536,9 @@ class BatchLoader(_KeyedBatches):
         drop_last: bool | None = None,
         rank: int = 0,
         world_size: int = 1,
-        flip_views: bool = False,
+        views: Views | None = None,
     ) -> None:
-        super().__init__(data.image_shape, transform, normalize, device, flip_views and not train)
+        super().__init__(data.image_shape, transform, normalize, device, None if train else views)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
         self.batch_size = batch_size
@@ -606,11 +608,11 @@ def make_loader(
     flip: bool = True,
     rank: int = 0,
     world_size: int = 1,
-    flip_views: bool = False,
+    views: Views | None = None,
 ) -> BatchLoader | StreamLoader:
     """The on-device loader for in-memory data, the DataLoader path for an :class:`ImageFolderStream`.
-    ``flip_views`` (evaluation only): batches of ``(image, mirror image)`` pairs for flip test-time
-    augmentation (:func:`blockkey.runtime.predict_views`)."""
+    ``views`` (evaluation only): batches of test-time views ``(B, V, C, H, W)`` (:mod:`blockkey.tta`,
+    averaged by :func:`blockkey.runtime.predict_views`)."""
     if isinstance(data, ImageFolderStream):
         return StreamLoader(
             data,
@@ -622,7 +624,7 @@ def make_loader(
             seed=seed,
             rank=rank,
             world_size=world_size,
-            flip_views=flip_views,
+            views=views,
         )
     return BatchLoader(
         data,
@@ -636,5 +638,5 @@ def make_loader(
         flip=flip,
         rank=rank,
         world_size=world_size,
-        flip_views=flip_views,
+        views=views,
     )

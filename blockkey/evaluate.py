@@ -19,6 +19,7 @@ from .keys import KeySet
 from .passport import PassportError, Passports, signature_match
 from .runtime import pick_device, predict_accuracy
 from .transforms import KeyedTransform
+from .tta import tta_views
 
 __all__ = ["EvalReport", "align_classes", "evaluate_model", "evaluate_run"]
 
@@ -34,11 +35,11 @@ class EvalReport:
     images: int
     num_classes: int
     rows: list[dict[str, Any]]
-    tta: bool = False  # every row averages each image with its mirror image (flip test-time augmentation)
+    tta: str = "off"  # test-time views every row averages (blockkey.tta: off | flip | shift)
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "flip_tta": self.tta,
+            "tta": self.tta,
             "model": self.model,
             "model_key": self.model_key,
             "given_key_fingerprint": self.given_key,
@@ -127,12 +128,13 @@ def evaluate_model(
     device: str | torch.device | None = None,
     progress: bool = True,
     passports: Passports | None = None,
-    tta: bool = False,
+    tta: str | bool = "off",
 ) -> EvalReport:
     """Accuracy with ``key``, with plain images and with ``wrong_keys`` random keys of the model's recipe.
 
-    ``tta``: each prediction averages the image and its mirror image (flipped plain, then keyed), the
-    test-time augmentation of fast CIFAR-10 training; every row then uses it, wrong keys included.
+    ``tta``: test-time augmentation (:mod:`blockkey.tta`): ``flip`` averages each image and its mirror image
+    (flipped plain, then keyed), ``shift`` adds one-pixel shifts of both (``True``: ``flip``); every row
+    then uses it, wrong keys included.
 
     A passport model instead: accuracy with ``passports`` and with ``wrong_keys`` forged (random)
     passports, each with the fraction of the owner's signature bits that ``sign(gamma)`` reproduces.
@@ -142,6 +144,8 @@ def evaluate_model(
     at.NON_NEGATIVE_INT.check("wrong_keys", wrong_keys)
     at.COUNT.check("batch_size", batch_size)
     meta = RunMeta.coerce(meta)
+    views = tta_views(tta)
+    tta_name = views.name if views is not None else "off"
     dev = pick_device(device)
     model = model.to(dev).eval()
     data = align_classes(data, meta.classes)
@@ -151,13 +155,14 @@ def evaluate_model(
     def acc(transform: KeyedTransform | None) -> float:
         use_inner_key(model, transform.inner if transform is not None else None)
         loader = make_loader(
-            data, batch_size, train=False, transform=transform, normalize=meta.normalize, device=dev, flip_views=tta
+            data, batch_size, train=False, transform=transform, normalize=meta.normalize, device=dev, views=views
         )
-        return predict_accuracy(model, loader, dev, meta.amp, meta.channels_last)
+        weights = views.weights if views is not None else None
+        return predict_accuracy(model, loader, dev, meta.amp, meta.channels_last, weights)
 
     model_key = meta.key
     if meta.passport or passports is not None:
-        return _evaluate_passports(model, meta, data, key, passports, wrong_keys, acc, progress, tta)
+        return _evaluate_passports(model, meta, data, key, passports, wrong_keys, acc, progress, tta_name)
     rows = []
     matches = None
     if key is not None:
@@ -177,7 +182,7 @@ def evaluate_model(
             rows.append(_stats(f"{wrong_keys} random wrong keys", accs))
     given = key.fingerprint if key else None
     key_doc = model_key.to_json() if model_key is not None else None
-    return EvalReport(meta.model, key_doc, given, matches, len(data), meta.num_classes, rows, tta)
+    return EvalReport(meta.model, key_doc, given, matches, len(data), meta.num_classes, rows, tta_name)
 
 
 def _evaluate_passports(
@@ -189,7 +194,7 @@ def _evaluate_passports(
     forged: int,
     acc: Callable[[KeyedTransform | None], float],
     progress: bool,
-    tta: bool = False,
+    tta: str = "off",
 ) -> EvalReport:
     from tqdm import tqdm
 

@@ -30,8 +30,9 @@ from .errors import BlockkeyError, ImageFileError, KeyMismatchError, ShapeError
 from .imageio import read_image
 from .keys import KeySet
 from .passport import PassportError, Passports
-from .runtime import normalise, pick_device
+from .runtime import normalise, pick_device, predict_views
 from .transforms import KeyedTransform
+from .tta import tta_views
 
 __all__ = [
     "NormalizedNet",
@@ -217,8 +218,10 @@ class Predictor:
         predictor([img1, img2], top_k=3)         # PIL images, uint8 (C, H, W) tensors or paths
         predictor.logits(batch)                  # uint8 (N, C, H, W) at the trained size -> float32 logits
 
-    A passport model takes ``passports=`` instead of a key. A key (or passports) that is not the
-    model's raises :class:`~blockkey.errors.KeyMismatchError` (:class:`~blockkey.passport.PassportError`).
+    ``tta="flip"`` (or ``"shift"``) averages test-time views of each image (:mod:`blockkey.tta`): a point or
+    more of accuracy for 2 (10) forward passes. A passport model takes ``passports=`` instead of a key. A
+    key (or passports) that is not the model's raises :class:`~blockkey.errors.KeyMismatchError`
+    (:class:`~blockkey.passport.PassportError`).
     """
 
     def __init__(
@@ -229,7 +232,9 @@ class Predictor:
         passports: Passports | str | os.PathLike[str] | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 64,
+        tta: str | bool = "off",
     ) -> None:
+        self.views = tta_views(tta)
         if batch_size < 1:
             raise BlockkeyError(f"batch size must be positive; got {batch_size}")
         key = KeySet.load(key) if isinstance(key, (str, os.PathLike)) else key
@@ -250,15 +255,21 @@ class Predictor:
 
     @torch.no_grad()
     def logits(self, batch: Tensor) -> Tensor:
-        """uint8 ``(N, C, H, W)`` images at the trained size -> float32 logits ``(N, classes)`` on the CPU."""
+        """uint8 ``(N, C, H, W)`` images at the trained size -> float32 logits ``(N, classes)`` on the CPU
+        (with ``tta``: the log of the views' averaged probabilities, whose softmax is that average)."""
         if batch.dtype != torch.uint8 or batch.dim() != 4 or tuple(batch.shape[1:]) != self.image_shape:
             raise ShapeError(
                 f"expected uint8 (N, {', '.join(map(str, self.image_shape))}); got {batch.dtype} "
                 f"{tuple(batch.shape)} (use preprocess() or call the predictor on images)"
             )
         x = batch.to(self.device)
-        y = self.transform(x) if self.transform is not None else x.float().div_(255)
-        return self.net(y).float().cpu()
+        if self.views is None:
+            return self.net(self._keyed(x)).float().cpu()
+        views = torch.stack([self._keyed(v) for v in self.views.images(x)], 1)
+        return predict_views(self.net, views, self.views.weights).float().cpu()
+
+    def _keyed(self, x: Tensor) -> Tensor:
+        return self.transform(x) if self.transform is not None else x.float().div_(255)
 
     def _top(self, logits: Tensor, top_k: int, sources: Sequence[str | None]) -> list[Prediction]:
         probs = logits.softmax(1)

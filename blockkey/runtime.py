@@ -55,25 +55,34 @@ def predict_accuracy(
     device: torch.device,
     amp: str = "auto",
     channels_last: bool = True,
+    weights: tuple[float, ...] | None = None,
 ) -> float:
-    """Top-1 accuracy of ``model`` over ``loader``'s ``(inputs, labels)`` batches (evaluation mode)."""
+    """Top-1 accuracy of ``model`` over ``loader``'s ``(inputs, labels)`` batches (evaluation mode); inputs
+    ``(B, V, C, H, W)`` are test-time views (:mod:`blockkey.tta`), averaged with ``weights``."""
     model.eval()
     correct = total = 0
     for x, y in loader:
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
-            pred = predict_views(model, x).argmax(1)
+            pred = predict_views(model, x, weights, channels_last).argmax(1)
         correct += int((pred == y).sum())
         total += y.numel()
     return correct / max(1, total)
 
 
-def predict_views(model: nn.Module, x: Tensor) -> Tensor:
-    """``model(x)`` for a batch ``(B, C, H, W)``; for views ``(B, V, C, H, W)`` (a loader's ``flip_views``)
-    the mean of the V softmax outputs, as log-probabilities ``(B, classes)``."""
+def predict_views(
+    model: nn.Module, x: Tensor, weights: tuple[float, ...] | None = None, channels_last: bool = False
+) -> Tensor:
+    """``model(x)`` for a batch ``(B, C, H, W)``; for views ``(B, V, C, H, W)`` (a loader's ``views``) the
+    weighted mean of the V softmax outputs (equal weights if none are given), as log-probabilities."""
+    batch = x.flatten(0, 1) if x.dim() == 5 else x
+    if channels_last and batch.dim() == 4:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    out = model(batch)
     if x.dim() != 5:
-        return model(x)
+        return out
     b, v = x.shape[:2]
-    probs = model(x.flatten(0, 1)).float().softmax(1)
-    return probs.view(b, v, -1).mean(1).log()
+    w = torch.tensor(weights if weights is not None else (1.0,) * v, dtype=torch.float32, device=out.device)
+    if w.numel() != v:
+        raise ValueError(f"{v} views but {w.numel()} weights")
+    probs = out.float().softmax(1).view(b, v, -1)
+    return (probs * (w / w.sum()).view(1, v, 1)).sum(1).log()

@@ -649,6 +649,18 @@ def _save_state(run: Path, loop: _Loop, state: dict[str, Any]) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _differences(saved: Any, now: Any) -> str:
+    """`` (field: saved X, now Y; ...)`` for the fields of two configurations that differ (else empty)."""
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return ""
+    diff = [
+        f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
+        for k in sorted(saved.keys() | now.keys())
+        if saved.get(k) != now.get(k)
+    ]
+    return f" ({'; '.join(diff)}; repeat the saved run's options)" if diff else ""
+
+
 def _read_state(
     state_dir: Path, identity: dict[str, Any], loop: _Loop, device: torch.device
 ) -> tuple[int, list[dict[str, Any]]]:
@@ -662,7 +674,9 @@ def _read_state(
         state["config"] = asdict(TrainConfig()) | state["config"]
     for name, what in _IDENTITY_ERRORS.items():
         if state.get(name) != identity[name]:
-            raise CheckpointError(f"{state_dir.parent}: --resume with {what}")
+            raise CheckpointError(
+                f"{state_dir.parent}: --resume with {what}{_differences(state.get(name), identity[name])}"
+            )
     loop.model.load_state_dict(load_weights(state_dir / "model.safetensors"))
     _load_optimizer(loop.opt, {k: v.to(device) for k, v in load_weights(state_dir / "optimizer.safetensors").items()})
     if loop.ema is not None:

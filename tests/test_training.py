@@ -23,9 +23,10 @@ from blockkey.data import (
     stratified_split,
     stratified_subset,
 )
-from blockkey.errors import ShapeError
+from blockkey.errors import OptionError, ShapeError
 from blockkey.evaluate import align_classes, evaluate_run
 from blockkey.models import create_model, list_models
+from blockkey.predict import Predictor
 from blockkey.train import TrainConfig, fit
 
 from .helpers import colour_data, rand_key, saved_figures, write_folder
@@ -144,7 +145,7 @@ class TestFit:
         wrong = evaluate_run(tmp_path / "run", va, rand_key("shuffle,negpos", 4, seed=9), wrong_keys=0)
         assert wrong.key_matches is False and "NOT the model's key" in wrong.rows[0]["setting"]
 
-    def test_flip_tta_averages_the_image_and_its_mirror_keyed_after_the_flip(self, tmp_path):
+    def test_tta_averages_views_of_the_plain_image_each_keyed_after_it_is_taken(self, tmp_path):
         """Classes that a mirror swaps (bright left half / bright right half / neither), trained without flips:
         evaluation with --tta matches the average of the two views computed here, and differs from without."""
         g = torch.Generator().manual_seed(0)
@@ -165,9 +166,28 @@ class TestFit:
         expected = ((views[0] + views[1]).argmax(1) == labels).float().mean().item()
         with_tta = evaluate_run(tmp_path / "run", data, key, wrong_keys=0, progress=False, tta=True)
         without = evaluate_run(tmp_path / "run", data, key, wrong_keys=0, progress=False)
-        assert with_tta.rows[0]["accuracy"] == pytest.approx(expected) and with_tta.to_json()["flip_tta"] is True
+        assert with_tta.rows[0]["accuracy"] == pytest.approx(expected) and with_tta.to_json()["tta"] == "flip"
         assert without.rows[0]["accuracy"] == pytest.approx((views[0].argmax(1) == labels).float().mean().item())
         assert without.rows[0]["accuracy"] > 0.9 and with_tta.rows[0]["accuracy"] < 0.8  # the mirror swaps classes
+
+        # shift: the two views above plus each moved one pixel (zero fill) and mirrored, at half weight;
+        # the shifts computed here by padding and cropping, then keyed
+        def moved(x, dy, dx):
+            return torch.nn.functional.pad(x, (1, 1, 1, 1))[..., 1 - dy : 33 - dy, 1 - dx : 33 - dx]
+
+        with torch.no_grad():
+            probs = sum(
+                0.5 * model((tf(moved(x, dy, dx)) - mean) / std).softmax(1)
+                for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))
+                for x in (images, images.flip(-1))
+            ) + (views[0] + views[1])
+        shifted = evaluate_run(tmp_path / "run", data, key, wrong_keys=0, progress=False, tta="shift")
+        assert shifted.to_json()["tta"] == "shift"
+        assert shifted.rows[0]["accuracy"] == pytest.approx((probs.argmax(1) == labels).float().mean().item())
+        predicted = Predictor(tmp_path / "run", key, tta="shift").logits(images).softmax(1)
+        torch.testing.assert_close(predicted, probs / 6, atol=1e-4, rtol=1e-3)
+        with pytest.raises(OptionError, match="tta must be one of"):
+            evaluate_run(tmp_path / "run", data, key, wrong_keys=0, progress=False, tta="rotate")
 
     def test_checkpoint_has_no_key_material(self, tmp_path):
         data = colour_data(8)
@@ -281,7 +301,8 @@ class TestFit:
         state = json.loads(state_file.read_text())
         del state["config"]["optimizer"]  # as written before the field existed
         state_file.write_text(json.dumps(state))
-        with pytest.raises(CheckpointError, match="--resume"):
+        expected = r"different training configuration \(optimizer: saved 'sgd', now 'adam'; repeat"
+        with pytest.raises(CheckpointError, match=expected):
             fit(data, None, key, dataclasses.replace(cfg, optimizer="adam"), tmp_path / "r", resume=True)
         fit(data, None, key, cfg, tmp_path / "r", resume=True, progress=False, log=lambda s: None)
         assert (tmp_path / "r" / "meta.json").exists()
@@ -435,8 +456,10 @@ class TestCLIErrors:
 
         figures = saved_figures(monkeypatch)
         argv = ["evaluate", "--model", t / "run", "--key", t / "k.json", "--wrong-keys", "2", "--plot", t / "bars.png"]
-        assert main([str(a) for a in [*argv, "--json"]]) == 0
-        rows = json.loads(capsys.readouterr().out)["rows"]
+        assert main([str(a) for a in [*argv, "--tta", "--json"]]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        rows = doc["rows"]
+        assert doc["tta"] == "flip"  # a bare --tta
         bars = figures[0].axes[0].patches  # one bar per row, its height the row's accuracy
         assert [b.get_height() for b in bars] == pytest.approx([100 * r["accuracy"] for r in rows])
         assert [r["setting"] for r in rows][:1] == ["correct key"] and len(rows) == 3
@@ -550,8 +573,10 @@ class TestStream:
             "val",
             "--wrong-keys",
             "2",
+            "--tta",
+            "shift",
             "--json",
         ]
         assert main([str(a) for a in args]) == 0
         report = json.loads(capsys.readouterr().out)
-        assert report["images"] == 6 and report["key_matches_model"] is True
+        assert report["images"] == 6 and report["key_matches_model"] is True and report["tta"] == "shift"
