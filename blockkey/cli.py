@@ -905,6 +905,12 @@ def _train_augmentation_options(sp: argparse.ArgumentParser, d: TrainConfig) -> 
         help=f"random horizontal flips ({_on_off(d.flip)})",
     )
     g.add_argument(
+        "--cutout",
+        type=at.NON_NEGATIVE_INT,
+        default=d.cutout,
+        help="zero a random square of this side in each training image; 0: off (default %(default)s)",
+    )
+    g.add_argument(
         "--norm",
         choices=NORM_MODES,
         default=d.norm,

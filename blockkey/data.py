@@ -430,6 +430,19 @@ class Normalize:
         return cls(tuple(mean.tolist()), tuple(std.tolist()), mode, m)
 
 
+def cutout(x: Tensor, size: int, g: torch.Generator) -> Tensor:
+    """Zero a ``size x size`` square (clipped to the image) at a random place inside each image of a uint8
+    batch ``(B, C, H, W)`` (DeVries & Taylor's cutout; airbench's square lies wholly inside the image)."""
+    b, _, h, w = x.shape
+    sh, sw = min(size, h), min(size, w)
+    top = torch.randint(0, h - sh + 1, (b, 1), generator=g).to(x.device)
+    left = torch.randint(0, w - sw + 1, (b, 1), generator=g).to(x.device)
+    rows, cols = torch.arange(h, device=x.device)[None], torch.arange(w, device=x.device)[None]
+    in_rows = (rows >= top) & (rows < top + sh)  # (B, H)
+    in_cols = (cols >= left) & (cols < left + sw)  # (B, W)
+    return x.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0)
+
+
 class _KeyedBatches:
     """What every loader does on the device: key transform (or /255), then normalisation.
 
@@ -485,9 +498,11 @@ class StreamLoader(_KeyedBatches):
         rank: int = 0,
         world_size: int = 1,
         views: Views | None = None,
+        cutout: int = 0,
     ) -> None:
         super().__init__(data.image_shape, transform, normalize, device, None if train else views)
         self.data, self.batch_size, self.train, self.seed = data, batch_size, train, seed
+        self.cutout = cutout if train else 0
         self.dataset = data.dataset(train)
         self.sampler: torch.utils.data.DistributedSampler[int] = torch.utils.data.DistributedSampler(
             self.dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train
@@ -509,8 +524,12 @@ class StreamLoader(_KeyedBatches):
             generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch),
             persistent_workers=False,
         )
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 1_000_000_007)
         for x, y in loader:
-            yield self.prepare(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
+            x = x.to(self.device, non_blocking=True)
+            if self.cutout:
+                x = cutout(x, self.cutout, g)
+            yield self.prepare(x), y.to(self.device, non_blocking=True)
 
 
 class BatchLoader(_KeyedBatches):
@@ -537,6 +556,7 @@ class BatchLoader(_KeyedBatches):
         rank: int = 0,
         world_size: int = 1,
         views: Views | None = None,
+        cutout: int = 0,
     ) -> None:
         super().__init__(data.image_shape, transform, normalize, device, None if train else views)
         self.images = data.images.to(self.device)
@@ -546,6 +566,7 @@ class BatchLoader(_KeyedBatches):
         self.seed = seed
         self.crop_padding = crop_padding if train else 0
         self.flip = flip and train
+        self.cutout = cutout if train else 0
         self.drop_last = train if drop_last is None else drop_last
         self.rank, self.world_size = rank, world_size
 
@@ -564,7 +585,7 @@ class BatchLoader(_KeyedBatches):
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def augment(self, x: Tensor, g: torch.Generator) -> Tensor:
-        """Random crop with zero padding and horizontal flip, batched, on plain uint8."""
+        """Random crop with zero padding, horizontal flip and cutout (if set), batched, on plain uint8."""
         b, c, h, w = x.shape
         p = self.crop_padding
         if p:
@@ -579,6 +600,8 @@ class BatchLoader(_KeyedBatches):
         if self.flip:
             f = (torch.rand(b, generator=g) < 0.5).to(x.device)
             x = torch.where(f[:, None, None, None], x.flip(-1), x)
+        if self.cutout:
+            x = cutout(x, self.cutout, g)
         return x
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -609,10 +632,12 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     views: Views | None = None,
+    cutout: int = 0,
 ) -> BatchLoader | StreamLoader:
     """The on-device loader for in-memory data, the DataLoader path for an :class:`ImageFolderStream`.
     ``views`` (evaluation only): batches of test-time views ``(B, V, C, H, W)`` (:mod:`blockkey.tta`,
-    averaged by :func:`blockkey.runtime.predict_views`)."""
+    averaged by :func:`blockkey.runtime.predict_views`). ``cutout`` (training only): zero a random square of
+    that side in each plain image (:func:`cutout`)."""
     if isinstance(data, ImageFolderStream):
         return StreamLoader(
             data,
@@ -625,6 +650,7 @@ def make_loader(
             rank=rank,
             world_size=world_size,
             views=views,
+            cutout=cutout,
         )
     return BatchLoader(
         data,
@@ -639,4 +665,5 @@ def make_loader(
         rank=rank,
         world_size=world_size,
         views=views,
+        cutout=cutout,
     )

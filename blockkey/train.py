@@ -73,6 +73,7 @@ class TrainConfig:
     norm: str = "position"  # position (per block position of the key) | channel | none (raw values)
     crop_padding: int = 4
     flip: bool = True
+    cutout: int = 0  # side of a square zeroed at random in each plain training image; 0: off
     init_from: str | None = None  # a run directory whose weights start training (fine-tuning)
     train_layers: str = "all"  # all | first (first layer with weights) | last (the head) | block:N (layer_blocks)
     optimizer: str = "sgd"  # sgd (Nesterov momentum) | adam (AdamW: decoupled weight decay)
@@ -90,6 +91,7 @@ class TrainConfig:
         at.PEAK.check("peak", self.peak)
         at.SEED.check("seed", self.seed)
         at.NON_NEGATIVE_INT.check("crop_padding", self.crop_padding)
+        at.NON_NEGATIVE_INT.check("cutout", self.cutout)
         at.NON_NEGATIVE.check("sign_loss", self.sign_loss)
         at.PROBABILITY.check("ema", self.ema)
         for name, value, allowed in (
@@ -504,6 +506,7 @@ def _make_loop(
         seed=cfg.seed,
         crop_padding=cfg.crop_padding,
         flip=cfg.flip,
+        cutout=cfg.cutout,
         rank=dist.rank,
         world_size=dist.world_size,
     )

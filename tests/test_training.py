@@ -15,6 +15,7 @@ from PIL import Image
 from blockkey import KeyedTransform, KeySet
 from blockkey.checkpoint import CheckpointError, copy_run_half, load_model
 from blockkey.data import (
+    cutout,
     BatchLoader,
     DataError,
     ImageTensors,
@@ -80,6 +81,32 @@ class TestLoader:
         for i in range(6):
             crops = [padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(9) for dx in range(9)]
             assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(-1)) for c in crops)
+
+    @pytest.mark.parametrize("size", [3, 8, 20])
+    def test_cutout_zeroes_one_square_inside_each_image_and_nothing_else(self, size):
+        """Each image loses exactly one size x size square (clipped to the image) lying wholly inside it,
+        at places that vary; the other pixels are untouched; evaluation batches get no cutout."""
+        x = torch.full((64, 3, 8, 8), 200, dtype=torch.uint8)
+        out = cutout(x, size, torch.Generator().manual_seed(1))
+        s = min(size, 8)
+        corners = set()
+        for img in out:
+            zero = img == 0
+            assert torch.equal(zero, zero[:1].expand_as(zero))  # every channel alike
+            ys, xs = zero[0].nonzero(as_tuple=True)
+            top, left = int(ys.min()), int(xs.min())
+            square = torch.zeros(8, 8, dtype=torch.bool)
+            square[top : top + s, left : left + s] = True
+            assert torch.equal(zero[0], square) and top + s <= 8 and left + s <= 8
+            corners.add((top, left))
+        assert len(corners) > (1 if s < 8 else 0)
+        data = colour_data(4)
+        train = BatchLoader(data, 6, train=True, transform=None, normalize=None, crop_padding=0, flip=False, cutout=3)
+        evaluation = BatchLoader(data, 6, train=False, transform=None, normalize=None, cutout=3)
+        xt, _ = next(iter(train))
+        assert ((xt == 0).all(1).flatten(1).sum(1) >= 9).all()  # one 3x3 square at least (colours may be 0)
+        xe, _ = next(iter(evaluation))
+        assert torch.equal(xe, data.images[:6].float() / 255)
 
     def test_order_depends_only_on_seed_and_epoch(self):
         data = colour_data(10)
