@@ -15,11 +15,11 @@ from PIL import Image
 from blockkey import KeyedTransform, KeySet
 from blockkey.checkpoint import CheckpointError, copy_run_half, load_model
 from blockkey.data import (
-    cutout,
     BatchLoader,
     DataError,
     ImageTensors,
     Normalize,
+    cutout,
     load_image_folder,
     stratified_split,
     stratified_subset,
