@@ -255,6 +255,7 @@ def train_recipe(
         "shift_tta_accuracy": tta["shift"].rows[0]["accuracy"],  # also one-pixel shifts (blockkey.tta)
         "model": model,
         "model_kwargs": kwargs,
+        "config": dict(config or {}),  # the TrainConfig fields set beyond the defaults here (cutout, ema, ...)
         "epochs": epochs,
         "train_seconds": round(sum(h["seconds"] for h in meta["history"]), 1),
         "wall_seconds_this_session": round(seconds, 1),

@@ -125,7 +125,8 @@ def _recipe(meta: RunMeta) -> list[str]:
     cfg, hist = meta.config, meta.history
     if not cfg:
         return ["Not recorded."]
-    keys = ("epochs", "batch_size", "lr", "peak", "weight_decay", "label_smoothing", "amp", "norm", "seed")
+    keys = ("epochs", "batch_size", "lr", "peak", "weight_decay", "label_smoothing", "crop_padding", "flip", "cutout")
+    keys += ("ema", "amp", "norm", "seed")
     rows = [f"| {k} | {cfg[k]} |" for k in keys if k in cfg]
     if hist:
         last = hist[-1]
@@ -134,8 +135,8 @@ def _recipe(meta: RunMeta) -> list[str]:
             f"| final {k.replace('_', ' ')} | {last[k]} |" for k in ("train_loss", "train_acc", "val_acc") if k in last
         ]
     return [
-        "SGD with Nesterov momentum, one-cycle (triangular) learning rate; augmentation (crop, flip) on plain "
-        "images before the key.",
+        "SGD with Nesterov momentum, one-cycle (triangular) learning rate; augmentation (crop, flip, cutout as "
+        "set below) on plain images before the key.",
         "",
         "| setting | value |",
         "|---|---|",

@@ -555,7 +555,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"{path}\t" + "  ".join(f"{c} {p:.3f}" for c, p in zip(res.classes, res.probs, strict=True)))
     if args.json:
-        print(json.dumps({"model": args.model, "predictions": rows, "failed": failed}, indent=1))
+        print(json.dumps({"model": args.model, "tta": args.tta, "predictions": rows, "failed": failed}, indent=1))
     if args.csv:
         k = min(args.top_k, len(predictor.classes))
         header = ["path"] + [f"{w}_{i + 1}" for i in range(k) for w in ("class", "prob")] + ["error"]
@@ -1078,21 +1078,24 @@ def _add_predict(sub: Any) -> None:
         "--batch-size", type=at.PREDICT_BATCH, default=64, help="images per forward pass (default %(default)s)"
     )
     sp.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, ... (default: cuda if present)")
-    _tta_option(sp)
+    _tta_option(sp, bare=False)  # images follow: --tta always takes its mode
     sp.set_defaults(func=cmd_predict)
 
 
-def _tta_option(sp: argparse.ArgumentParser) -> None:
+def _tta_option(sp: argparse.ArgumentParser, bare: bool = True) -> None:
+    """``--tta MODE`` (``bare``: a bare ``--tta`` means flip; not where positional arguments could follow)."""
     from .tta import TTA_MODES
 
+    views = "flip (the image and its mirror image) or shift (also one-pixel shifts of both: 10 views)"
     sp.add_argument(
         "--tta",
-        nargs="?",
-        const="flip",
+        nargs="?" if bare else None,
+        const="flip" if bare else None,
         default="off",
         choices=TTA_MODES,
-        help="test-time augmentation, each view keyed after it is taken: flip (the image and its mirror image; "
-        "the default of a bare --tta) or shift (also one-pixel shifts of both: 10 views)",
+        help=f"test-time augmentation, each view keyed after it is taken: {views}"
+        + ("; a bare --tta is flip" if bare else "")
+        + " (default: off)",
     )
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "load_image_folder",
     "make_loader",
     "open_image_folder_stream",
+    "random_cutout",
     "stratified_split",
     "stratified_subset",
 ]
@@ -430,7 +431,7 @@ class Normalize:
         return cls(tuple(mean.tolist()), tuple(std.tolist()), mode, m)
 
 
-def cutout(x: Tensor, size: int, g: torch.Generator) -> Tensor:
+def random_cutout(x: Tensor, size: int, g: torch.Generator) -> Tensor:
     """Zero a ``size x size`` square (clipped to the image) at a random place inside each image of a uint8
     batch ``(B, C, H, W)`` (DeVries & Taylor's cutout; airbench's square lies wholly inside the image)."""
     b, _, h, w = x.shape
@@ -457,22 +458,35 @@ class _KeyedBatches:
         transform: KeyedTransform | None,
         normalize: Normalize | None,
         device: torch.device | str,
-        views: Views | None = None,
+        *,
+        train: bool,
+        seed: int,
+        views: Views | None,
+        cutout: int,
     ) -> None:
         self.device = torch.device(device)
         self.transform = transform.to(self.device) if transform is not None else None
         self.norm = normalize.tensors(shape, self.device) if normalize is not None else None
         self.epoch = 0
-        self.views = views
+        self.train, self.seed = train, seed
+        self.views = None if train else views  # test-time views: evaluation only
+        self.cutout = cutout if train else 0  # training only
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def _augment_generator(self) -> torch.Generator:
+        """This epoch's augmentation draws, from ``(seed, epoch)`` alone (a resumed run draws the same)."""
+        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 1_000_000_007)
+
+    def _cut(self, x: Tensor, g: torch.Generator) -> Tensor:
+        return random_cutout(x, self.cutout, g) if self.cutout else x
 
     def prepare(self, x: Tensor) -> Tensor:
         """uint8 batch -> key transform (or /255) -> normalisation: what the network sees (with
         ``views``, each view taken from the plain image first, then keyed: ``(B, V, C, H, W)``)."""
         if self.views is not None:
-            return torch.stack([self._keyed(v) for v in self.views.images(x)], 1)
+            return self.views.stack(x, self._keyed)
         return self._keyed(x)
 
     def _keyed(self, x: Tensor) -> Tensor:
@@ -500,9 +514,10 @@ class StreamLoader(_KeyedBatches):
         views: Views | None = None,
         cutout: int = 0,
     ) -> None:
-        super().__init__(data.image_shape, transform, normalize, device, None if train else views)
-        self.data, self.batch_size, self.train, self.seed = data, batch_size, train, seed
-        self.cutout = cutout if train else 0
+        super().__init__(
+            data.image_shape, transform, normalize, device, train=train, seed=seed, views=views, cutout=cutout
+        )
+        self.data, self.batch_size = data, batch_size
         self.dataset = data.dataset(train)
         self.sampler: torch.utils.data.DistributedSampler[int] = torch.utils.data.DistributedSampler(
             self.dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train
@@ -524,11 +539,9 @@ class StreamLoader(_KeyedBatches):
             generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch),
             persistent_workers=False,
         )
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 1_000_000_007)
+        g = self._augment_generator()
         for x, y in loader:
-            x = x.to(self.device, non_blocking=True)
-            if self.cutout:
-                x = cutout(x, self.cutout, g)
+            x = self._cut(x.to(self.device, non_blocking=True), g)
             yield self.prepare(x), y.to(self.device, non_blocking=True)
 
 
@@ -558,15 +571,14 @@ class BatchLoader(_KeyedBatches):
         views: Views | None = None,
         cutout: int = 0,
     ) -> None:
-        super().__init__(data.image_shape, transform, normalize, device, None if train else views)
+        super().__init__(
+            data.image_shape, transform, normalize, device, train=train, seed=seed, views=views, cutout=cutout
+        )
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
         self.batch_size = batch_size
-        self.train = train
-        self.seed = seed
         self.crop_padding = crop_padding if train else 0
         self.flip = flip and train
-        self.cutout = cutout if train else 0
         self.drop_last = train if drop_last is None else drop_last
         self.rank, self.world_size = rank, world_size
 
@@ -600,13 +612,11 @@ class BatchLoader(_KeyedBatches):
         if self.flip:
             f = (torch.rand(b, generator=g) < 0.5).to(x.device)
             x = torch.where(f[:, None, None, None], x.flip(-1), x)
-        if self.cutout:
-            x = cutout(x, self.cutout, g)
-        return x
+        return self._cut(x, g)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         order = self._order()
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 1_000_000_007)
+        g = self._augment_generator()
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size].to(self.device)
             x = self.images[idx]
@@ -637,7 +647,7 @@ def make_loader(
     """The on-device loader for in-memory data, the DataLoader path for an :class:`ImageFolderStream`.
     ``views`` (evaluation only): batches of test-time views ``(B, V, C, H, W)`` (:mod:`blockkey.tta`,
     averaged by :func:`blockkey.runtime.predict_views`). ``cutout`` (training only): zero a random square of
-    that side in each plain image (:func:`cutout`)."""
+    that side in each plain image (:func:`random_cutout`)."""
     if isinstance(data, ImageFolderStream):
         return StreamLoader(
             data,

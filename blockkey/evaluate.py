@@ -146,6 +146,7 @@ def evaluate_model(
     meta = RunMeta.coerce(meta)
     views = tta_views(tta)
     tta_name = views.name if views is not None else "off"
+    per_batch = max(1, batch_size // len(views.offsets)) if views is not None else batch_size  # batch_size views
     dev = pick_device(device)
     model = model.to(dev).eval()
     data = align_classes(data, meta.classes)
@@ -155,7 +156,7 @@ def evaluate_model(
     def acc(transform: KeyedTransform | None) -> float:
         use_inner_key(model, transform.inner if transform is not None else None)
         loader = make_loader(
-            data, batch_size, train=False, transform=transform, normalize=meta.normalize, device=dev, views=views
+            data, per_batch, train=False, transform=transform, normalize=meta.normalize, device=dev, views=views
         )
         weights = views.weights if views is not None else None
         return predict_accuracy(model, loader, dev, meta.amp, meta.channels_last, weights)

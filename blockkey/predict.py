@@ -265,8 +265,7 @@ class Predictor:
         x = batch.to(self.device)
         if self.views is None:
             return self.net(self._keyed(x)).float().cpu()
-        views = torch.stack([self._keyed(v) for v in self.views.images(x)], 1)
-        return predict_views(self.net, views, self.views.weights).float().cpu()
+        return predict_views(self.net, self.views.stack(x, self._keyed), self.views.weights).float().cpu()
 
     def _keyed(self, x: Tensor) -> Tensor:
         return self.transform(x) if self.transform is not None else x.float().div_(255)

@@ -63,7 +63,7 @@ def predict_accuracy(
     correct = total = 0
     for x, y in loader:
         with autocast(device, amp):
-            pred = predict_views(model, x, weights, channels_last).argmax(1)
+            pred = predict_views(model, x, weights, channels_last and x.dim() in (4, 5)).argmax(1)
         correct += int((pred == y).sum())
         total += y.numel()
     return correct / max(1, total)
@@ -73,16 +73,17 @@ def predict_views(
     model: nn.Module, x: Tensor, weights: tuple[float, ...] | None = None, channels_last: bool = False
 ) -> Tensor:
     """``model(x)`` for a batch ``(B, C, H, W)``; for views ``(B, V, C, H, W)`` (a loader's ``views``) the
-    weighted mean of the V softmax outputs (equal weights if none are given), as log-probabilities."""
-    batch = x.flatten(0, 1) if x.dim() == 5 else x
-    if channels_last and batch.dim() == 4:
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    out = model(batch)
+    weighted mean of the V softmax outputs (equal weights if none are given), as log-probabilities. Each
+    view is its own forward pass of B images, so views cost time, not a V times larger batch."""
+
+    def run(batch: Tensor) -> Tensor:
+        return model(batch.contiguous(memory_format=torch.channels_last) if channels_last else batch)
+
     if x.dim() != 5:
-        return out
-    b, v = x.shape[:2]
-    w = torch.tensor(weights if weights is not None else (1.0,) * v, dtype=torch.float32, device=out.device)
-    if w.numel() != v:
-        raise ValueError(f"{v} views but {w.numel()} weights")
-    probs = out.float().softmax(1).view(b, v, -1)
-    return (probs * (w / w.sum()).view(1, v, 1)).sum(1).log()
+        return run(x)
+    v = x.shape[1]
+    w = weights if weights is not None else (1.0,) * v
+    if len(w) != v:
+        raise ValueError(f"{v} views but {len(w)} weights")
+    total = sum(wi * run(x[:, i]).float().softmax(1) for i, wi in enumerate(w))
+    return (total / sum(w)).log()

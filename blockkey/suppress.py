@@ -246,7 +246,12 @@ def harden(
         raise KeyMismatchError(f"{key.fingerprint} is not the key of {run_dir}: suppression needs the model's key")
     config, normalize = meta.config, meta.normalize
     transform = KeyedTransform(key)
-    aug = {"crop_padding": config.get("crop_padding", 4), "flip": config.get("flip", True), "device": dev}
+    aug = {
+        "crop_padding": config.get("crop_padding", 4),
+        "flip": config.get("flip", True),
+        "cutout": config.get("cutout", 0),
+        "device": dev,
+    }
     keyed = make_loader(
         train, cfg.batch_size, train=True, transform=transform, normalize=normalize, seed=cfg.seed, **aug
     )

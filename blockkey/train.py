@@ -330,7 +330,7 @@ def _fit(
 ) -> RunMeta:
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     say = log if dist.main else (lambda s: None)
-    _check_data(train, key)
+    _check_data(train, key, cfg.cutout)
     state_dir = _open_run(run, resume, dist)
     transform = KeyedTransform(key) if key is not None else None
     # A twin without a key uses the model's patch as its blocks (so both share everything), else channels.
@@ -395,10 +395,12 @@ def _run_meta(
     )
 
 
-def _check_data(train: Data, key: KeySet | None) -> None:
-    """Training data that can train a classifier, in images the key fits."""
+def _check_data(train: Data, key: KeySet | None, cutout: int = 0) -> None:
+    """Training data that can train a classifier, in images the key fits (and cutout does not blank)."""
     check_training_data(train)
     c, h, w = train.image_shape
+    if cutout >= min(h, w):
+        raise OptionError(f"cutout {cutout} would blank whole {h}x{w} images; give a side below {min(h, w)}")
     if key is not None and c != key.channels:
         raise ShapeError(f"the key is for {key.channels}-channel images; the data has {c}")
     if key is not None and (h % key.block_size or w % key.block_size):
@@ -678,7 +680,8 @@ def _read_state(
     for name, what in _IDENTITY_ERRORS.items():
         if state.get(name) != identity[name]:
             raise CheckpointError(
-                f"{state_dir.parent}: --resume with {what}{_differences(state.get(name), identity[name])}"
+                f"{state_dir.parent}: --resume with {what}"
+                + (_differences(state.get(name), identity[name]) if name == "config" else "")
             )
     loop.model.load_state_dict(load_weights(state_dir / "model.safetensors"))
     _load_optimizer(loop.opt, {k: v.to(device) for k, v in load_weights(state_dir / "optimizer.safetensors").items()})

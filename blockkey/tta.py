@@ -13,6 +13,7 @@ moves against the key's block grid, which is what random crops taught the networ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,14 @@ class Views:
     name: str
     offsets: tuple[tuple[int, int, bool], ...]
     weights: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.weights) != len(self.offsets) or min(self.weights, default=0) < 0 or sum(self.weights) <= 0:
+            raise OptionError(f"views {self.name}: one non-negative weight per view, not all 0; got {self.weights}")
+
+    def stack(self, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """``fn`` (e.g. key + normalise) of each view of ``x``, stacked as ``(B, V, ...)``."""
+        return torch.stack([fn(v) for v in self.images(x)], 1)
 
     def images(self, x: Tensor) -> list[Tensor]:
         """``(..., C, H, W)`` -> one tensor per view: mirrored (``flip(-1)``) first, then moved by ``(dy, dx)``

@@ -38,7 +38,7 @@ def test_each_option_reaches_the_config():
         "--model", "patchnet", "--epochs", "3", "--batch-size", "32", "--lr", "0.05", "--momentum", "0.5",
         "--no-nesterov", "--weight-decay", "0", "--label-smoothing", "0.1", "--peak", "0.5", "--seed", "7",
         "--amp", "off", "--no-channels-last", "--norm", "position", "--crop-padding", "0", "--no-flip",
-        "--init-from", "old-run", "--train-layers", "last", "--sign-loss", "0.25",
+        "--init-from", "old-run", "--train-layers", "last", "--sign-loss", "0.25", "--cutout", "8", "--ema", "0.9",
     ]  # fmt: skip
     cfg = train_config(build_parser().parse_args(argv), {"patch": 4})
     assert asdict(cfg) == asdict(
@@ -46,14 +46,19 @@ def test_each_option_reaches_the_config():
             model="patchnet", model_kwargs={"patch": 4}, epochs=3, batch_size=32, lr=0.05, momentum=0.5,
             nesterov=False, weight_decay=0.0, label_smoothing=0.1, peak=0.5, seed=7, amp="off",
             channels_last=False, norm="position", crop_padding=0, flip=False, init_from="old-run",
-            train_layers="last", sign_loss=0.25,
+            train_layers="last", sign_loss=0.25, cutout=8, ema=0.9,
         )
     )  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("flag", "value", "says"),
-    [("--momentum", "1", "[0, 1)"), ("--crop-padding", "-1", ">= 0"), ("--sign-loss", "nan", ">= 0")],
+    [
+        ("--momentum", "1", "[0, 1)"),
+        ("--crop-padding", "-1", ">= 0"),
+        ("--cutout", "-1", ">= 0"),
+        ("--sign-loss", "nan", ">= 0"),
+    ],
 )
 def test_new_options_refuse_values_out_of_range_in_one_line(flag, value, says, capsys):
     assert main([*REQUIRED, flag, value]) == 2

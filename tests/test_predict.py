@@ -158,7 +158,14 @@ def test_cli_predict(runs, tmp_path, capsys):
     expect = Predictor(t / "prot", t / "key.json")(paths, top_k=5)
     assert [r["top"][0]["class"] for r in doc["predictions"]] == [q.label for q in expect]
     assert doc["failed"] == 0 and len(doc["predictions"][0]["top"]) == 3  # 3 classes < top-k 5
+    assert main([*argv, "--tta", "shift", *map(str, paths), "--json"]) == 0  # --tta takes its mode here
+    doc = json.loads(capsys.readouterr().out)
+    expect = Predictor(t / "prot", t / "key.json", tta="shift")(paths, top_k=5)
+    assert doc["tta"] == "shift" and [r["top"][0]["prob"] for r in doc["predictions"]] == pytest.approx(
+        [q.probs[0] for q in expect], abs=1e-4
+    )
     for bad, message in [
+        ([*argv, "--tta", str(paths[0])], "invalid choice"),  # an image is never taken for a mode
         (["predict", "--model", str(t / "prot"), "--key", str(t / "other.json"), str(paths[0])], "is not the key"),
         (["predict", "--model", str(t / "prot"), str(paths[0])], "give its key"),
         ([*argv, str(tmp_path / "empty")], "no image files"),

@@ -19,8 +19,8 @@ from blockkey.data import (
     DataError,
     ImageTensors,
     Normalize,
-    cutout,
     load_image_folder,
+    random_cutout,
     stratified_split,
     stratified_subset,
 )
@@ -82,12 +82,14 @@ class TestLoader:
             crops = [padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(9) for dx in range(9)]
             assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(-1)) for c in crops)
 
-    @pytest.mark.parametrize("size", [3, 8, 20])
+    @pytest.mark.parametrize("size", [3, 5, 20])
     def test_cutout_zeroes_one_square_inside_each_image_and_nothing_else(self, size):
         """Each image loses exactly one size x size square (clipped to the image) lying wholly inside it,
-        at places that vary; the other pixels are untouched; evaluation batches get no cutout."""
+        at places that vary and that the generator's seed fixes; the other pixels are untouched; evaluation
+        batches get no cutout, training batches one square per image."""
         x = torch.full((64, 3, 8, 8), 200, dtype=torch.uint8)
-        out = cutout(x, size, torch.Generator().manual_seed(1))
+        out = random_cutout(x, size, torch.Generator().manual_seed(1))
+        assert torch.equal(out, random_cutout(x, size, torch.Generator().manual_seed(1)))
         s = min(size, 8)
         corners = set()
         for img in out:
@@ -99,12 +101,12 @@ class TestLoader:
             square[top : top + s, left : left + s] = True
             assert torch.equal(zero[0], square) and top + s <= 8 and left + s <= 8
             corners.add((top, left))
-        assert len(corners) > (1 if s < 8 else 0)
-        data = colour_data(4)
+        assert len(corners) > 1 if s < 8 else corners == {(0, 0)}
+        data = ImageTensors(torch.full((12, 3, 8, 8), 9, dtype=torch.uint8), torch.arange(12) % 3, ("a", "b", "c"))
         train = BatchLoader(data, 6, train=True, transform=None, normalize=None, crop_padding=0, flip=False, cutout=3)
         evaluation = BatchLoader(data, 6, train=False, transform=None, normalize=None, cutout=3)
         xt, _ = next(iter(train))
-        assert ((xt == 0).all(1).flatten(1).sum(1) >= 9).all()  # one 3x3 square at least (colours may be 0)
+        assert ((xt == 0).all(1).flatten(1).sum(1) == 9).all()  # exactly one 3x3 square an image
         xe, _ = next(iter(evaluation))
         assert torch.equal(xe, data.images[:6].float() / 255)
 
@@ -215,6 +217,10 @@ class TestFit:
         torch.testing.assert_close(predicted, probs / 6, atol=1e-4, rtol=1e-3)
         with pytest.raises(OptionError, match="tta must be one of"):
             evaluate_run(tmp_path / "run", data, key, wrong_keys=0, progress=False, tta="rotate")
+
+    def test_fit_refuses_a_cutout_that_blanks_the_image(self, tmp_path):
+        with pytest.raises(OptionError, match="cutout 8 would blank whole 8x8 images"):
+            fit(colour_data(4), None, None, TrainConfig(epochs=1, cutout=8, **CFG), tmp_path / "r", progress=False)
 
     def test_checkpoint_has_no_key_material(self, tmp_path):
         data = colour_data(8)
@@ -558,6 +564,10 @@ class TestStream:
         assert torch.equal(torch.cat(ys), stream.labels)
         train = StreamLoader(stream, 8, train=True, transform=key, normalize=norm, seed=1)
         assert len(train) == 3 and all(x.shape == (8, 3, 16, 16) for x, _ in train)
+        # cutout on the device: one 5x5 square of zeros in each plain image (seen here without the key)
+        cut = StreamLoader(stream, 8, train=True, transform=None, normalize=None, seed=1, cutout=5)
+        for x, _ in cut:
+            assert ((x == 0).all(1).flatten(1).sum(1) >= 25).all()
 
     @pytest.mark.slow  # more than 10 s on a 2-vCPU VM
     def test_train_and_evaluate_cli(self, tmp_path, capsys):
