@@ -125,8 +125,10 @@ def _recipe(meta: RunMeta) -> list[str]:
     cfg, hist = meta.config, meta.history
     if not cfg:
         return ["Not recorded."]
-    keys = ("epochs", "batch_size", "lr", "peak", "weight_decay", "label_smoothing", "crop_padding", "flip", "cutout")
-    keys += ("ema", "amp", "norm", "seed")
+    keys = (
+        *("epochs", "batch_size", "lr", "peak", "weight_decay", "label_smoothing"),
+        *("crop_padding", "flip", "cutout", "ema", "amp", "norm", "seed"),
+    )
     rows = [f"| {k} | {cfg[k]} |" for k in keys if k in cfg]
     if hist:
         last = hist[-1]

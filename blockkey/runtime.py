@@ -85,5 +85,5 @@ def predict_views(
     w = weights if weights is not None else (1.0,) * v
     if len(w) != v:
         raise ValueError(f"{v} views but {len(w)} weights")
-    total = sum(wi * run(x[:, i]).float().softmax(1) for i, wi in enumerate(w))
+    total = torch.stack([wi * run(x[:, i]).float().softmax(1) for i, wi in enumerate(w)]).sum(0)
     return (total / sum(w)).log()
