@@ -5,8 +5,9 @@ it trains the same architecture and schedule on the CIFAR-10 training images wit
 stratified validation split, then evaluates on that split: the correct key, plain images and
 --wrong-keys random wrong keys. Models already finished in --out are skipped, so the five can be
 run across sessions (each fits the 30-minute CPU budget alone). Results accumulate in
-OUT/results.json and print as a Markdown table (the correct key also with flip test-time augmentation:
-each image averaged with its mirror image, flipped before the key); --release copies a finished model,
+OUT/results.json and print as a Markdown table (the correct key also with test-time augmentation,
+`blockkey.tta`: flip, each image averaged with its mirror image, and shift, also one-pixel moves of
+both; every view taken before the key); --release copies a finished model,
 its weights stored as float16, with its key (marked as a published demo key) to checkpoints/NAME/.
 
     python benchmarks/reproduce_cifar10.py --data ../shared/datasets/cifar10/train --only none
