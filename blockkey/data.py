@@ -496,7 +496,9 @@ class _KeyedBatches:
 
 class StreamLoader(_KeyedBatches):
     """Batches of an :class:`ImageFolderStream`: workers decode and augment uint8 images, the device
-    applies the key and normalises. Order and augmentation are seeded by ``(seed, epoch)``.
+    applies the key and normalises. Order, cutout and the workers' augmentation are seeded by ``(seed,
+    epoch)`` (each worker's RNG comes from the loader's generator); with ``workers=0`` the crops and flips
+    draw from torch's global RNG in this process instead, so they repeat only if that RNG does.
     """
 
     def __init__(
