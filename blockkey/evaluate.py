@@ -146,7 +146,8 @@ def evaluate_model(
     meta = RunMeta.coerce(meta)
     views = tta_views(tta)
     tta_name = views.name if views is not None else "off"
-    per_batch = max(1, batch_size // len(views.offsets)) if views is not None else batch_size  # batch_size views
+    # with views, batch_size counts views (images x views), so memory stays that of batch_size images
+    per_batch = max(1, batch_size // len(views.offsets)) if views is not None else batch_size
     dev = pick_device(device)
     model = model.to(dev).eval()
     data = align_classes(data, meta.classes)
