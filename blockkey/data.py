@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -496,9 +496,10 @@ class _KeyedBatches:
 
 class StreamLoader(_KeyedBatches):
     """Batches of an :class:`ImageFolderStream`: workers decode and augment uint8 images, the device
-    applies the key and normalises. Order, cutout and the workers' augmentation are seeded by ``(seed,
-    epoch)`` (each worker's RNG comes from the loader's generator); with ``workers=0`` the crops and flips
-    draw from torch's global RNG in this process instead, so they repeat only if that RNG does.
+    applies the key and normalises. Order, crops, flips and cutout come from ``(seed, epoch)`` alone: each
+    worker's RNG is seeded from the loader's generator, and with ``workers=0`` each batch is fetched under
+    an RNG state of the loader's own (torch's global RNG is left as it was), so a resumed run sees the same
+    batches as an uninterrupted one either way.
     """
 
     def __init__(
@@ -542,9 +543,26 @@ class StreamLoader(_KeyedBatches):
             persistent_workers=False,
         )
         g = self._augment_generator()
-        for x, y in loader:
+        for x, y in _seeded_fetch(loader, self.seed * 100_003 + self.epoch + 2_000_000_011):
             x = self._cut(x.to(self.device, non_blocking=True), g)
             yield self.prepare(x), y.to(self.device, non_blocking=True)
+
+
+def _seeded_fetch(loader: Iterable[tuple[Tensor, Tensor]], seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """``loader``'s items, each fetched under a private state of torch's global RNG that starts at ``seed``
+    and carries on from item to item (the caller's global RNG is restored around each fetch, so neither
+    disturbs the other). torchvision's random transforms draw from that RNG when a DataLoader has no
+    workers."""
+    state = torch.Generator().manual_seed(seed).get_state()
+    it = iter(loader)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            torch.random.set_rng_state(state)
+            item = next(it, None)
+            state = torch.random.get_rng_state()
+        if item is None:
+            return
+        yield item
 
 
 class BatchLoader(_KeyedBatches):

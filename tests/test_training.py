@@ -569,6 +569,24 @@ class TestStream:
         for x, _ in cut:
             assert ((x == 0).all(1).flatten(1).sum(1) >= 25).all()
 
+    def test_augmentation_seeded_without_workers(self, tmp_path):
+        """workers=0: the crops and flips come from (seed, epoch), not from (nor into) the global RNG."""
+        from blockkey.data import StreamLoader, open_image_folder_stream
+
+        stream = open_image_folder_stream(self.make(tmp_path), 16, workers=0)
+
+        def epoch(seed, n, global_seed):
+            loader = StreamLoader(stream, 8, train=True, transform=None, normalize=None, seed=seed)
+            loader.set_epoch(n)
+            torch.manual_seed(global_seed)
+            batches = [x for x, _ in loader]
+            return torch.cat(batches), torch.rand(3)
+
+        (a, after_a), (b, after_b) = epoch(1, 0, 5), epoch(1, 0, 6)
+        assert torch.equal(a, b)  # the global RNG's state did not matter
+        assert torch.equal(after_a, torch.manual_seed(5) and torch.rand(3))  # and was not consumed
+        assert not torch.equal(a, epoch(1, 1, 5)[0]) and not torch.equal(a, epoch(2, 0, 5)[0])
+
     @pytest.mark.slow  # more than 10 s on a 2-vCPU VM
     def test_train_and_evaluate_cli(self, tmp_path, capsys):
         from blockkey.cli import main
