@@ -246,8 +246,10 @@ def train_recipe(
     seconds = time.perf_counter() - start
     report = evaluate_run(run, val, key, wrong_keys=wrong_keys, progress=False, device=options.get("device"))
     print(report.to_markdown(), flush=True)
-    tta = {
-        mode: evaluate_run(run, val, key, wrong_keys=0, progress=False, device=options.get("device"), tta=mode)
+    tta = {  # the correct key's row only: plain images and wrong keys are in the report above
+        mode: evaluate_run(
+            run, val, key, wrong_keys=0, progress=False, device=options.get("device"), tta=mode, plain_images=False
+        )
         for mode in ("flip", "shift")
     }
     return {

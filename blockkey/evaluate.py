@@ -129,8 +129,10 @@ def evaluate_model(
     progress: bool = True,
     passports: Passports | None = None,
     tta: str | bool = "off",
+    plain_images: bool = True,
 ) -> EvalReport:
-    """Accuracy with ``key``, with plain images and with ``wrong_keys`` random keys of the model's recipe.
+    """Accuracy with ``key``, with plain images (unless ``plain_images=False``) and with ``wrong_keys``
+    random keys of the model's recipe.
 
     ``tta``: test-time augmentation (:mod:`blockkey.tta`): ``flip`` averages each image and its mirror image
     (flipped plain, then keyed), ``shift`` adds one-pixel shifts of both (``True``: ``flip``); every row
@@ -174,7 +176,8 @@ def evaluate_model(
     elif model_key is None:
         rows.append(_stats("non-protected model", [acc(None)]))
     if model_key is not None:
-        rows.append(_stats("plain images", [acc(None)]))
+        if plain_images:
+            rows.append(_stats("plain images", [acc(None)]))
         if wrong_keys > 0:
             recipe = model_key.steps  # ffx-all draws ffx-all wrong keys
             m, c = model_key.block_size, model_key.channels

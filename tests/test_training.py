@@ -195,6 +195,9 @@ class TestFit:
         expected = ((views[0] + views[1]).argmax(1) == labels).float().mean().item()
         with_tta = evaluate_run(tmp_path / "run", data, key, wrong_keys=0, progress=False, tta=True)
         without = evaluate_run(tmp_path / "run", data, key, wrong_keys=0, progress=False)
+        assert [r["setting"] for r in without.rows] == ["correct key", "plain images"]
+        only_key = evaluate_run(tmp_path / "run", data, key, wrong_keys=0, progress=False, plain_images=False)
+        assert only_key.rows == without.rows[:1]
         assert with_tta.rows[0]["accuracy"] == pytest.approx(expected) and with_tta.to_json()["tta"] == "flip"
         assert without.rows[0]["accuracy"] == pytest.approx((views[0].argmax(1) == labels).float().mean().item())
         assert without.rows[0]["accuracy"] > 0.9 and with_tta.rows[0]["accuracy"] < 0.8  # the mirror swaps classes
