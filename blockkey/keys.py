@@ -262,17 +262,10 @@ class KeySet:
         Without a salt a random 16-byte salt is drawn; it is recorded (not secret) in
         ``meta["kdf"]`` and in the key file so the key can be derived again.
         """
-        if not passphrase:
-            raise KeyFileError("passphrase must not be empty")
-        try:
-            secret = passphrase.encode("utf-8")
-        except UnicodeEncodeError:
-            raise KeyFileError("the passphrase is not valid Unicode text") from None
         names = parse_recipe(recipe)
         length = _block_len(block_size, channels)
         salt = secrets.token_bytes(16) if salt is None else salt
-        context = json.dumps([list(names), block_size, channels]).encode()
-        seed = hashlib.scrypt(secret, salt=salt + b"|" + context, dklen=32, maxmem=2**26, **SCRYPT_PARAMS)
+        seed = _scrypt_seed(passphrase, salt, json.dumps([list(names), block_size, channels]).encode())
         steps, inner = _draw(names, _KDFStream(seed), length)
         meta = {"source": "scrypt", "kdf": {"name": "scrypt", "salt": salt.hex(), **SCRYPT_PARAMS}}
         return cls(block_size, channels, steps, meta=meta, inner=inner)
@@ -350,30 +343,7 @@ class KeySet:
     @classmethod
     def from_json(cls, doc: Any) -> KeySet:
         """Parse and validate a key document; :class:`KeyFileError` with one clear line on any problem."""
-        if not isinstance(doc, dict):
-            raise KeyFileError("not a blockkey key file (expected a JSON object)")
-        if doc.get("format") != KEY_FORMAT:
-            raise KeyFileError(f"not a blockkey key file (format {doc.get('format')!r}, expected {KEY_FORMAT!r})")
-        version = doc.get("version")
-        if version not in (KEY_FORMAT_VERSION, KEY_FORMAT_VERSION_INNER) or isinstance(version, bool):
-            raise KeyFileError(
-                f"unsupported key file version {version!r} "
-                f"(this blockkey reads {KEY_FORMAT_VERSION} and {KEY_FORMAT_VERSION_INNER})"
-            )
-        if ("inner" in doc) != (version == KEY_FORMAT_VERSION_INNER):
-            need = "needs" if "inner" not in doc else "cannot hold"
-            raise KeyFileError(f"key file version {version} {need} an inner key")
-        inner = InnerKey.from_json(doc["inner"]) if "inner" in doc else None
-        if doc.get("layout", LAYOUT) != LAYOUT:
-            raise KeyFileError(f"unsupported block layout {doc.get('layout')!r}; expected {LAYOUT!r}")
-        steps_doc = doc.get("steps")
-        if not isinstance(steps_doc, list):
-            raise KeyFileError("key file has no 'steps' list")
-        steps = tuple(_step_from_json(i, s) for i, s in enumerate(steps_doc))
-        meta = doc.get("meta", {})
-        meta = meta if isinstance(meta, dict) else {}
-        block_size: Any = doc.get("block_size")  # JSON: the constructor checks both (KeyFileError)
-        channels: Any = doc.get("channels")
+        block_size, channels, steps, meta, inner = _parse_key_doc(doc)
         key = cls(block_size, channels, steps, meta=meta, inner=inner)
         expected = doc.get("fingerprint")
         if expected is not None and expected != key.fingerprint:
@@ -400,22 +370,68 @@ class KeySet:
     def load(cls, path: str | os.PathLike[str]) -> KeySet:
         """Read and validate a key file; :class:`KeyFileError` for corrupt or unusable files."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise KeyFileError(f"key file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise KeyFileError(f"cannot read key file {path}: {e}") from None
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise KeyFileError(f"key file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        except RecursionError:
-            raise KeyFileError(f"key file {path} is not a key file (JSON nested too deeply)") from None
+        doc = _read_key_json(path)
         try:
             return cls.from_json(doc)
         except KeyFileError as e:
             raise KeyFileError(f"{path}: {e}") from None
+
+
+def _scrypt_seed(passphrase: str, salt: bytes, context: bytes) -> bytes:
+    """32 bytes of scrypt over the passphrase (:data:`SCRYPT_PARAMS`), salted with ``salt | context``."""
+    if not passphrase:
+        raise KeyFileError("passphrase must not be empty")
+    try:
+        secret = passphrase.encode("utf-8")
+    except UnicodeEncodeError:
+        raise KeyFileError("the passphrase is not valid Unicode text") from None
+    return hashlib.scrypt(secret, salt=salt + b"|" + context, dklen=32, maxmem=2**26, **SCRYPT_PARAMS)
+
+
+def _parse_key_doc(doc: Any) -> tuple[Any, Any, tuple[Step, ...], dict[str, Any], InnerKey | None]:
+    """A key document's ``(block_size, channels, steps, meta, inner)``, its header checked; the sizes
+    are the JSON's (:class:`KeySet` checks them)."""
+    if not isinstance(doc, dict):
+        raise KeyFileError("not a blockkey key file (expected a JSON object)")
+    if doc.get("format") != KEY_FORMAT:
+        raise KeyFileError(f"not a blockkey key file (format {doc.get('format')!r}, expected {KEY_FORMAT!r})")
+    version = doc.get("version")
+    if version not in (KEY_FORMAT_VERSION, KEY_FORMAT_VERSION_INNER) or isinstance(version, bool):
+        raise KeyFileError(
+            f"unsupported key file version {version!r} "
+            f"(this blockkey reads {KEY_FORMAT_VERSION} and {KEY_FORMAT_VERSION_INNER})"
+        )
+    if ("inner" in doc) != (version == KEY_FORMAT_VERSION_INNER):
+        need = "needs" if "inner" not in doc else "cannot hold"
+        raise KeyFileError(f"key file version {version} {need} an inner key")
+    inner = InnerKey.from_json(doc["inner"]) if "inner" in doc else None
+    if doc.get("layout", LAYOUT) != LAYOUT:
+        raise KeyFileError(f"unsupported block layout {doc.get('layout')!r}; expected {LAYOUT!r}")
+    steps_doc = doc.get("steps")
+    if not isinstance(steps_doc, list):
+        raise KeyFileError("key file has no 'steps' list")
+    steps = tuple(_step_from_json(i, s) for i, s in enumerate(steps_doc))
+    meta = doc.get("meta", {})
+    meta = meta if isinstance(meta, dict) else {}
+    block_size: Any = doc.get("block_size")  # JSON: the constructor checks both (KeyFileError)
+    channels: Any = doc.get("channels")
+    return block_size, channels, steps, meta, inner
+
+
+def _read_key_json(path: Path) -> Any:
+    """The JSON of a key file; :class:`KeyFileError` with one line if it cannot be read or parsed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KeyFileError(f"key file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KeyFileError(f"cannot read key file {path}: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise KeyFileError(f"key file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise KeyFileError(f"key file {path} is not a key file (JSON nested too deeply)") from None
 
 
 def _block_len(block_size: int, channels: int) -> int:
