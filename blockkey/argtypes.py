@@ -154,6 +154,7 @@ CHANNELS = Int(1, 16)
 IMAGE_SIZE = Int(1, 4096, "images are decoded at SIZE x SIZE in memory")
 WORKERS = Int(0, 64)
 LEARNING_RATE = Float(0, lo_open=True)
+WIDTH = Float(0, 16, lo_open=True)  # a model's channel multiplier
 NON_NEGATIVE = Float(0)
 PROBABILITY = Float(0, 1, hi_open=True)
 PEAK = Float(0, 1)

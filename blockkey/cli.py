@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from . import argtypes as at
-from .errors import BlockkeyError, ImageFileError, KeyMismatchError
+from .errors import BlockkeyError, ImageFileError, KeyMismatchError, OptionError
 from .fileio import atomic_path
 from .imageio import check_output_suffix, read_codes, read_image, sample_image, write_png
 from .keys import KeySet, parse_recipe, refuse_foreign_key
@@ -314,6 +314,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_kwargs["patch"] = key.block_size if key is not None else args.patch
     if key is not None and key.inner is not None and model_accepts(args.model, "inner"):
         model_kwargs["inner"] = True  # keyed points for the key's inner part (blockkey.inner)
+    if args.width is not None:
+        if not model_accepts(args.model, "width"):
+            raise OptionError(f"--width: model {args.model} has no width multiplier")
+        model_kwargs["width"] = args.width
     model_kwargs |= size_kwargs(args.model, train.image_shape)  # timm ViTs: img_size
     if args.pretrained:
         if not args.model.startswith("timm_"):
@@ -833,6 +837,11 @@ def _train_model_options(sp: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = sp.add_argument_group("model")
     g.add_argument("--model", default=d.model, help="registered model or tv_<torchvision name> (default %(default)s)")
     g.add_argument("--patch", type=at.BLOCK_SIZE, default=4, help="patch size of block-aligned models without a key")
+    g.add_argument(
+        "--width",
+        type=at.WIDTH,
+        help="channel multiplier of models that take one (fastnet, patchnet, upnet; default: the model's own, 1)",
+    )
     g.add_argument(
         "--pretrained",
         action="store_true",

@@ -475,6 +475,19 @@ class TestCLIErrors:
         assert "Traceback" not in err
         return code, err
 
+    def test_width_builds_the_model_it_names(self, trained, capsys):
+        t = trained
+        base = ["train", "--data", t / "ds", "--no-key", "--epochs", 1, "--batch-size", 8, "--amp", "off"]
+        code, _ = self.run(capsys, *base, "--model", "fastnet", "--width", "0.5", "-o", t / "half")
+        model, meta = load_model(t / "half")
+        assert code == 0 and meta.model_kwargs["width"] == 0.5
+        expected = create_model("fastnet", 3, width=0.5)
+        assert [p.shape for p in model.parameters()] == [p.shape for p in expected.parameters()]
+        code, err = self.run(capsys, *base, "--model", "tv_resnet18", "--width", "2", "-o", t / "tv")
+        assert code == 2 and err.count("\n") == 1 and "no width multiplier" in err and not (t / "tv").exists()
+        code, err = self.run(capsys, *base, "--width", "0", "-o", t / "zero")
+        assert code == 2 and "--width" in err
+
     def test_train_and_evaluate_errors(self, trained, capsys, monkeypatch):
         t = trained
         code, err = self.run(capsys, "train", "--data", t / "nope", "--no-key", "-o", t / "r2")
