@@ -16,6 +16,7 @@ its weights stored as float16, with its key (marked as a published demo key) to 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -63,6 +64,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="*", choices=list(RECIPES), help="recipes to run (default: all not yet done)")
     ap.add_argument("--model", default="upnet")
     ap.add_argument("--width", type=float, default=1.0, help="the model's width multiplier")
+    ap.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help='more model arguments, e.g. \'{"up": 4, "widths": [24, 64, 128, 256]}\' for upnet at full resolution',
+    )
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--ema", type=float, default=0.0, help="per-step decay of the saved weight average (0: off)")
     ap.add_argument("--cutout", type=int, default=0, help="side of the square zeroed in each training image (0: off)")
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                 val,
                 args,
                 wrong_keys=args.wrong_keys,
-                model_kwargs={"width": args.width} if model_accepts(args.model, "width") else {},
+                model_kwargs=({"width": args.width} if model_accepts(args.model, "width") else {}) | args.model_kwargs,
                 config={"ema": args.ema, "cutout": args.cutout},
             )
             results.put(name, entry)
