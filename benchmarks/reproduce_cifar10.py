@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--ema", type=float, default=0.0, help="per-step decay of the saved weight average (0: off)")
     ap.add_argument("--cutout", type=int, default=0, help="side of the square zeroed in each training image (0: off)")
+    ap.add_argument("--crop-step", type=int, default=1, help="random crops move images by multiples of this")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--val-fraction", type=float, default=0.1)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                 args,
                 wrong_keys=args.wrong_keys,
                 model_kwargs=({"width": args.width} if model_accepts(args.model, "width") else {}) | args.model_kwargs,
-                config={"ema": args.ema, "cutout": args.cutout},
+                config={"ema": args.ema, "cutout": args.cutout, "crop_step": args.crop_step},
             )
             results.put(name, entry)
     if args.release:

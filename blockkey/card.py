@@ -127,7 +127,7 @@ def _recipe(meta: RunMeta) -> list[str]:
         return ["Not recorded."]
     keys = (
         *("epochs", "batch_size", "lr", "peak", "weight_decay", "label_smoothing"),
-        *("crop_padding", "flip", "cutout", "ema", "amp", "norm", "seed"),
+        *("crop_padding", "crop_step", "flip", "cutout", "ema", "amp", "norm", "seed"),
     )
     rows = [f"| {k} | {cfg[k]} |" for k in keys if k in cfg]
     if hist:

@@ -908,6 +908,13 @@ def _train_augmentation_options(sp: argparse.ArgumentParser, d: TrainConfig) -> 
         help="random crop after padding each side by this many pixels; 0: no crop (default %(default)s)",
     )
     g.add_argument(
+        "--crop-step",
+        type=at.COUNT,
+        default=d.crop_step,
+        help="random crops move images by multiples of this many pixels; the key's block size keeps each "
+        "training image on the key's block grid, as test images are (default %(default)s)",
+    )
+    g.add_argument(
         "--flip",
         action=argparse.BooleanOptionalAction,
         default=d.flip,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import BlockkeyError
+from .errors import BlockkeyError, OptionError
 from .fileio import atomic_path
 from .runtime import normalise
 from .transforms import KeyedTransform
@@ -586,6 +586,7 @@ class BatchLoader(_KeyedBatches):
         crop_padding: int = 4,
         flip: bool = True,
         drop_last: bool | None = None,
+        crop_step: int = 1,
         rank: int = 0,
         world_size: int = 1,
         views: Views | None = None,
@@ -598,6 +599,7 @@ class BatchLoader(_KeyedBatches):
         self.labels = data.labels.to(self.device)
         self.batch_size = batch_size
         self.crop_padding = crop_padding if train else 0
+        self.crop_step = crop_step
         self.flip = flip and train
         self.drop_last = train if drop_last is None else drop_last
         self.rank, self.world_size = rank, world_size
@@ -617,13 +619,14 @@ class BatchLoader(_KeyedBatches):
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def augment(self, x: Tensor, g: torch.Generator) -> Tensor:
-        """Random crop with zero padding, horizontal flip and cutout (if set), batched, on plain uint8."""
+        """Random crop with zero padding, horizontal flip and cutout (if set), batched, on plain uint8. The
+        crop moves each image by a multiple of ``crop_step`` pixels, at most ``crop_padding`` each way."""
         b, c, h, w = x.shape
-        p = self.crop_padding
-        if p:
+        p, s = self.crop_padding, self.crop_step
+        if p // s:
             padded = torch.nn.functional.pad(x, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (b,), generator=g).to(x.device)
-            dx = torch.randint(0, 2 * p + 1, (b,), generator=g).to(x.device)
+            dy = (p + s * torch.randint(-(p // s), p // s + 1, (b,), generator=g)).to(x.device)
+            dx = (p + s * torch.randint(-(p // s), p // s + 1, (b,), generator=g)).to(x.device)
             rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
             cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
             bi = torch.arange(b, device=x.device)[:, None, None, None]
@@ -663,12 +666,16 @@ def make_loader(
     world_size: int = 1,
     views: Views | None = None,
     cutout: int = 0,
+    crop_step: int = 1,
 ) -> BatchLoader | StreamLoader:
     """The on-device loader for in-memory data, the DataLoader path for an :class:`ImageFolderStream`.
     ``views`` (evaluation only): batches of test-time views ``(B, V, C, H, W)`` (:mod:`blockkey.tta`,
     averaged by :func:`blockkey.runtime.predict_views`). ``cutout`` (training only): zero a random square of
-    that side in each plain image (:func:`random_cutout`)."""
+    that side in each plain image (:func:`random_cutout`). ``crop_step`` (in-memory data): random crops move
+    images by multiples of it (the key's block size keeps every image on the key's block grid)."""
     if isinstance(data, ImageFolderStream):
+        if crop_step != 1 and train:
+            raise OptionError("crop step: streamed images get random-resized crops; it needs in-memory data")
         return StreamLoader(
             data,
             batch_size,
@@ -691,6 +698,7 @@ def make_loader(
         device=device,
         seed=seed,
         crop_padding=crop_padding,
+        crop_step=crop_step,
         flip=flip,
         rank=rank,
         world_size=world_size,

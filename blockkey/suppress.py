@@ -248,6 +248,7 @@ def harden(
     transform = KeyedTransform(key)
     aug = {
         "crop_padding": config.get("crop_padding", 4),
+        "crop_step": config.get("crop_step", 1),
         "flip": config.get("flip", True),
         "cutout": config.get("cutout", 0),
         "device": dev,

@@ -72,6 +72,7 @@ class TrainConfig:
     channels_last: bool = True
     norm: str = "position"  # position (per block position of the key) | channel | none (raw values)
     crop_padding: int = 4
+    crop_step: int = 1  # random crops move images by multiples of this (the block size: stay on the key's grid)
     flip: bool = True
     cutout: int = 0  # side of a square zeroed at random in each plain training image; 0: off
     init_from: str | None = None  # a run directory whose weights start training (fine-tuning)
@@ -91,6 +92,7 @@ class TrainConfig:
         at.PEAK.check("peak", self.peak)
         at.SEED.check("seed", self.seed)
         at.NON_NEGATIVE_INT.check("crop_padding", self.crop_padding)
+        at.COUNT.check("crop_step", self.crop_step)
         at.NON_NEGATIVE_INT.check("cutout", self.cutout)
         at.NON_NEGATIVE.check("sign_loss", self.sign_loss)
         at.PROBABILITY.check("ema", self.ema)
@@ -507,6 +509,7 @@ def _make_loop(
         device=device,
         seed=cfg.seed,
         crop_padding=cfg.crop_padding,
+        crop_step=cfg.crop_step,
         flip=cfg.flip,
         cutout=cfg.cutout,
         rank=dist.rank,

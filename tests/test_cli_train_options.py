@@ -39,6 +39,7 @@ def test_each_option_reaches_the_config():
         "--no-nesterov", "--weight-decay", "0", "--label-smoothing", "0.1", "--peak", "0.5", "--seed", "7",
         "--amp", "off", "--no-channels-last", "--norm", "position", "--crop-padding", "0", "--no-flip",
         "--init-from", "old-run", "--train-layers", "last", "--sign-loss", "0.25", "--cutout", "8", "--ema", "0.9",
+        "--crop-step", "4",
     ]  # fmt: skip
     cfg = train_config(build_parser().parse_args(argv), {"patch": 4})
     assert asdict(cfg) == asdict(
@@ -46,7 +47,7 @@ def test_each_option_reaches_the_config():
             model="patchnet", model_kwargs={"patch": 4}, epochs=3, batch_size=32, lr=0.05, momentum=0.5,
             nesterov=False, weight_decay=0.0, label_smoothing=0.1, peak=0.5, seed=7, amp="off",
             channels_last=False, norm="position", crop_padding=0, flip=False, init_from="old-run",
-            train_layers="last", sign_loss=0.25, cutout=8, ema=0.9,
+            train_layers="last", sign_loss=0.25, cutout=8, ema=0.9, crop_step=4,
         )
     )  # fmt: skip
 
@@ -57,6 +58,7 @@ def test_each_option_reaches_the_config():
         ("--momentum", "1", "[0, 1)"),
         ("--crop-padding", "-1", ">= 0"),
         ("--cutout", "-1", ">= 0"),
+        ("--crop-step", "0", ">= 1"),
         ("--sign-loss", "nan", ">= 0"),
     ],
 )

@@ -82,6 +82,40 @@ class TestLoader:
             crops = [padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(9) for dx in range(9)]
             assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(-1)) for c in crops)
 
+    @pytest.mark.parametrize(
+        ("padding", "step", "moves"), [(4, 1, range(-4, 5)), (4, 4, (-4, 0, 4)), (5, 2, range(-4, 5, 2)), (3, 4, (0,))]
+    )
+    def test_crop_step_moves_images_by_its_multiples_only(self, padding, step, moves):
+        """Images of distinct pixels (so a crop names its move): every move a multiple of the step within the
+        padding, each such move drawn (with 400 draws), the others never."""
+        x = (torch.arange(64, dtype=torch.uint8).reshape(1, 1, 8, 8) + 1).expand(400, 3, 8, 8).contiguous()
+        data = ImageTensors(x, torch.zeros(400, dtype=torch.long), ("a",))
+        loader = BatchLoader(
+            data, 400, train=True, transform=None, normalize=None, crop_padding=padding, crop_step=step, flip=False
+        )
+        out = loader.augment(x, torch.Generator().manual_seed(0))
+        padded = torch.nn.functional.pad(x[:1], (8, 8, 8, 8))[0]
+        seen = set()
+        for img in out:
+            found = [
+                (dy, dx)
+                for dy in range(-8, 9)
+                for dx in range(-8, 9)
+                if torch.equal(img, padded[:, 8 - dy : 16 - dy, 8 - dx : 16 - dx])
+            ]
+            assert len(found) == 1
+            seen.add(found[0])
+        assert seen == {(dy, dx) for dy in moves for dx in moves}
+
+    def test_crop_step_needs_in_memory_data(self, tmp_path):
+        from blockkey.data import make_loader, open_image_folder_stream
+
+        stream = open_image_folder_stream(TestStream().make(tmp_path), 16, workers=0)
+        with pytest.raises(OptionError, match="in-memory"):
+            make_loader(stream, 8, train=True, transform=None, normalize=None, crop_step=4)
+        with pytest.raises(OptionError, match="crop_step"):
+            TrainConfig(crop_step=0)
+
     @pytest.mark.parametrize("size", [3, 5, 20])
     def test_cutout_zeroes_one_square_inside_each_image_and_nothing_else(self, size):
         """Each image loses exactly one size x size square (clipped to the image) lying wholly inside it,
