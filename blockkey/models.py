@@ -390,6 +390,22 @@ def upnet(
     return UpNet(num_classes, in_channels, patch, (2 if patch % 2 == 0 else 1) if up is None else up, chans, inner)
 
 
+@register_model
+def fullnet(
+    num_classes: int,
+    in_channels: int = 3,
+    patch: int = 4,
+    width: float = 1.0,
+    inner: bool = False,
+    widths: Sequence[int] = (24, 64, 128, 256),
+) -> nn.Module:
+    """:class:`UpNet` back at the image's own resolution: the block embedding gives each block
+    ``widths[0] * patch**2`` channels and depth-to-space by the whole block size turns them into a ``patch x
+    patch`` patch, so the conv groups run on the full grid (32x32 for CIFAR-10), as a conventional network's
+    would. The key is absorbed by the first layer exactly as in :func:`upnet`."""
+    return upnet(num_classes, in_channels, patch, width, up=patch, inner=inner, widths=widths)
+
+
 class TableEmbed(nn.Module):
     """Lookup-table patch embedding: each block position ``k`` maps each value to ``d`` learnt numbers
     (``table[k, bin(x_k)]``), then one linear layer mixes the ``L*d`` numbers into ``dim`` channels.

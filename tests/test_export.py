@@ -29,6 +29,7 @@ pytest.importorskip("onnxscript")
 MODELS = {
     "patchnet": ({"patch": 4, "width": 0.125}, "position"),
     "upnet": ({"patch": 4, "width": 0.125}, "position"),
+    "fullnet": ({"patch": 4, "width": 0.25}, "position"),
     "resnet18_cifar": ({"width": 0.125}, "channel"),
     "vit": ({"patch": 4, "dim": 32, "depth": 2, "heads": 2}, "position"),
 }

@@ -24,6 +24,7 @@ RECIPES = ["shuffle", "negpos", "shuffle,negpos", "negpos,shuffle", "shuffle,neg
 SMALL = {
     "patchnet": {"width": 0.125},
     "upnet": {"width": 0.125},
+    "fullnet": {"width": 0.25},
     "convmixer": {"dim": 32, "depth": 2, "kernel": 3},
     "vit": {"dim": 32, "depth": 2, "heads": 2},
 }

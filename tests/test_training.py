@@ -185,6 +185,15 @@ def test_every_registered_model(name):
     assert out.shape == (2, 7) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize(("name", "patch", "grid"), [("upnet", 4, 16), ("fullnet", 4, 32), ("fullnet", 2, 32)])
+def test_block_embedding_comes_back_to_its_grid(name, patch, grid):
+    """upnet's conv groups start at twice the block grid; fullnet's at the image's own resolution."""
+    model = create_model(name, 10, patch=patch, width=0.25)
+    x = torch.randn(2, 3, 32, 32)
+    assert model.stem(model.patch_embed(x)).shape[-2:] == (grid, grid)
+    assert model.patch_embed.kernel_size == model.patch_embed.stride == (patch, patch)
+
+
 def test_torchvision_models_by_name():
     assert create_model("tv_resnet18", 5)(torch.randn(2, 3, 32, 32)).shape == (2, 5)
 
