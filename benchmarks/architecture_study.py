@@ -25,7 +25,7 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "upnet": ("upnet", {}),  # depth-to-space x2: 16x16 after the embedding; 64, 128, 256, 256 channels
     "upnet-64-64-128-256": ("upnet", {"widths": [64, 64, 128, 256]}),
     "upnet-48-96-192-384": ("upnet", {"widths": [48, 96, 192, 384]}),
-    "upnet-full-res": ("upnet", {"up": 4, "widths": [24, 64, 128, 256]}),  # 32x32 after the embedding
+    "upnet-full-res": ("upnet", {"up": 4, "widths": [24, 64, 128, 256]}),  # 32x32 after the embedding: fullnet
 }
 
 

@@ -6,7 +6,7 @@ after a stratified 10% split (seed 0) of the CIFAR-10 training images and is eva
 held-out ones (the official test split is not on these machines): the key holder, plain images and
 ``--wrong-keys`` random wrong keys.
 
-Part ``fast``: ``upnet`` (block-aligned, M=4, width ``--fast-width``) with shuffle+negpos+ffx and
+Part ``fast``: ``fullnet`` (block-aligned, M=4, width ``--fast-width``) with shuffle+negpos+ffx and
 its non-protected twin, each on a schedule sized for ``--fast-seconds`` (60) of training. The
 schedule: batch 512, SGD Nesterov, a one-cycle triangular LR peaking at 0.4 after 20% of the steps,
 label smoothing 0.1, weight decay 5e-4, per-block-position normalisation, bfloat16 autocast and
@@ -273,7 +273,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--parts", nargs="+", choices=["fast", "paper"], default=["fast", "paper"])
     ap.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of the whole call")
     ap.add_argument("--fast-seconds", type=float, default=GOAL[1], help="training time per fast model")
-    ap.add_argument("--fast-model", default="upnet")
+    ap.add_argument("--fast-model", default="fullnet")
     ap.add_argument("--fast-width", type=float, default=2.0)
     ap.add_argument("--fast-max-epochs", type=int, default=200)
     ap.add_argument("--paper-width", type=float, default=1.0, help="resnet18_cifar width (1: the paper's)")

@@ -26,7 +26,7 @@ from blockkey.checkpoint import copy_run_half
 from blockkey.data import load_dataset, stratified_split
 from blockkey.models import model_accepts
 
-EPOCHS = 34  # upnet: about 37 s an epoch on the 2-vCPU VM, 21 minutes in all (docs/results.md)
+EPOCHS = 32  # fullnet: about 50 s an epoch alone on the 2-vCPU VM, under 30 minutes (docs/results.md)
 
 
 def table(results: dict) -> str:
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = bench.parser(__doc__, out="runs/reproduce-cifar10")
     ap.add_argument("--data", default="../shared/datasets/cifar10/train")
     ap.add_argument("--only", nargs="*", choices=list(RECIPES), help="recipes to run (default: all not yet done)")
-    ap.add_argument("--model", default="upnet")
+    ap.add_argument("--model", default="fullnet")
     ap.add_argument("--width", type=float, default=1.0, help="the model's width multiplier")
     ap.add_argument(
         "--model-kwargs",

@@ -840,7 +840,7 @@ def _train_model_options(sp: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument(
         "--width",
         type=at.WIDTH,
-        help="channel multiplier of models that take one (fastnet, patchnet, upnet; default: the model's own, 1)",
+        help="channel multiplier of models that take one (fastnet, patchnet, upnet, fullnet; default: the model's own)",
     )
     g.add_argument(
         "--pretrained",

@@ -57,7 +57,7 @@ OPTIMIZERS = ("sgd", "adam")  # SGD with (Nesterov) momentum, AdamW
 
 @dataclass
 class TrainConfig:
-    model: str = "upnet"  # block-aligned: the key costs nothing for shuffle and negpos (docs/results.md)
+    model: str = "fullnet"  # block-aligned (the key costs nothing for shuffle and negpos), full resolution after
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: int = 10
     batch_size: int = 256

@@ -70,7 +70,7 @@ def test_protocol_runs_every_row_on_cpu(tmp_path, protocol, monkeypatch, one_thr
         else:
             assert settings == ["correct key", "plain images", "2 random wrong keys"]
         assert row["eval"]["images"] == 10
-    assert set(saved["calibration"]) == {"upnet", "resnet18_cifar"}
+    assert set(saved["calibration"]) == {"fullnet", "resnet18_cifar"}
     assert all(c["seconds_per_image"] > 0 for c in saved["calibration"].values())
     assert saved["rows"]["paper/shuffle"]["model_kwargs"] == {"width": 0.1}
     assert saved["rows"]["fast/none"]["model_kwargs"] == {"patch": 4, "width": 0.05}
