@@ -475,9 +475,14 @@ class _KeyedBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _epoch_seed(self, stream: int = 0) -> int:
+        """A seed from ``(seed, epoch)`` alone (a resumed run draws the same); ``stream`` keeps the draws of
+        order (0), augmentation and the stream loader's fetches apart."""
+        return self.seed * 100_003 + self.epoch + stream
+
     def _augment_generator(self) -> torch.Generator:
-        """This epoch's augmentation draws, from ``(seed, epoch)`` alone (a resumed run draws the same)."""
-        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 1_000_000_007)
+        """This epoch's augmentation draws."""
+        return torch.Generator().manual_seed(self._epoch_seed(1_000_000_007))
 
     def _cut(self, x: Tensor, g: torch.Generator) -> Tensor:
         return random_cutout(x, self.cutout, g) if self.cutout else x
@@ -539,11 +544,11 @@ class StreamLoader(_KeyedBatches):
             num_workers=self.data.workers,
             drop_last=self.train,
             pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch),
+            generator=torch.Generator().manual_seed(self._epoch_seed()),
             persistent_workers=False,
         )
         g = self._augment_generator()
-        for x, y in _seeded_fetch(loader, self.seed * 100_003 + self.epoch + 2_000_000_011):
+        for x, y in _seeded_fetch(loader, self._epoch_seed(2_000_000_011)):
             x = self._cut(x.to(self.device, non_blocking=True), g)
             yield self.prepare(x), y.to(self.device, non_blocking=True)
 
@@ -599,6 +604,8 @@ class BatchLoader(_KeyedBatches):
         self.labels = data.labels.to(self.device)
         self.batch_size = batch_size
         self.crop_padding = crop_padding if train else 0
+        if crop_step < 1:
+            raise OptionError(f"crop step must be an integer >= 1; got {crop_step}")
         self.crop_step = crop_step
         self.flip = flip and train
         self.drop_last = train if drop_last is None else drop_last
@@ -609,7 +616,7 @@ class BatchLoader(_KeyedBatches):
         if not self.train:
             order = torch.arange(n)
         else:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            g = torch.Generator().manual_seed(self._epoch_seed())
             order = torch.randperm(n, generator=g)
             order = order[: n - n % self.world_size]  # every rank gets as many batches (or DDP deadlocks)
         return order[self.rank :: self.world_size]
@@ -651,6 +658,12 @@ class BatchLoader(_KeyedBatches):
 Data = ImageTensors | ImageFolderStream
 
 
+def check_crop_step(data: Data, crop_step: int) -> None:
+    """A crop step other than 1 needs in-memory data (streamed images get random-resized crops instead)."""
+    if crop_step != 1 and isinstance(data, ImageFolderStream):
+        raise OptionError(f"--crop-step {crop_step}: streamed images get random-resized crops; it needs in-memory data")
+
+
 def make_loader(
     data: Data,
     batch_size: int,
@@ -674,8 +687,8 @@ def make_loader(
     that side in each plain image (:func:`random_cutout`). ``crop_step`` (in-memory data): random crops move
     images by multiples of it (the key's block size keeps every image on the key's block grid)."""
     if isinstance(data, ImageFolderStream):
-        if crop_step != 1 and train:
-            raise OptionError("crop step: streamed images get random-resized crops; it needs in-memory data")
+        if train:
+            check_crop_step(data, crop_step)
         return StreamLoader(
             data,
             batch_size,

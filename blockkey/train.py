@@ -37,7 +37,7 @@ from .checkpoint import (
     save_tensors_atomic,
     write_json_atomic,
 )
-from .data import BatchLoader, Data, DataError, Normalize, StreamLoader, make_loader
+from .data import BatchLoader, Data, DataError, Normalize, StreamLoader, check_crop_step, make_loader
 from .errors import BlockkeyError, OptionError, ShapeError
 from .fileio import write_text
 from .inner import use_inner_key
@@ -333,6 +333,7 @@ def _fit(
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     say = log if dist.main else (lambda s: None)
     _check_data(train, key, cfg.cutout)
+    check_crop_step(train, cfg.crop_step)
     state_dir = _open_run(run, resume, dist)
     transform = KeyedTransform(key) if key is not None else None
     # A twin without a key uses the model's patch as its blocks (so both share everything), else channels.

@@ -113,6 +113,11 @@ class TestLoader:
         stream = open_image_folder_stream(TestStream().make(tmp_path), 16, workers=0)
         with pytest.raises(OptionError, match="in-memory"):
             make_loader(stream, 8, train=True, transform=None, normalize=None, crop_step=4)
+        with pytest.raises(OptionError, match="in-memory"):  # refused before the run folder is made
+            fit(stream, None, None, TrainConfig(crop_step=4, epochs=1), tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()
+        with pytest.raises(OptionError, match=">= 1"):
+            BatchLoader(colour_data(4), 4, train=True, transform=None, normalize=None, crop_step=0)
         with pytest.raises(OptionError, match="crop_step"):
             TrainConfig(crop_step=0)
 
