@@ -212,7 +212,7 @@ def train_recipe(
     ``val_each_epoch=False``: no validation pass after every epoch (the epoch times are then training alone)."""
     from .evaluate import evaluate_run
     from .keys import KeySet
-    from .models import block_aligned
+    from .models import model_kwargs_for
     from .train import TrainConfig, fit
 
     run = out / name
@@ -225,7 +225,7 @@ def train_recipe(
         else:
             key = KeySet.generate(recipe, block_size).with_note(PUBLISHED_NOTE)
             key.save(key_path)
-    kwargs = ({"patch": block_size} if block_aligned(model) else {}) | (model_kwargs or {})
+    kwargs = model_kwargs_for(model, key, train.image_shape, patch=block_size) | (model_kwargs or {})
     cfg = TrainConfig(
         model=model,
         model_kwargs=kwargs,

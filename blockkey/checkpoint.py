@@ -24,6 +24,7 @@ from torch import nn
 from .errors import CheckpointError
 from .fileio import atomic_path
 from .fileio import write_json as write_json_atomic
+from .inner import stored_state_dict
 from .meta import META_FORMAT, META_VERSION, RunMeta
 
 __all__ = [
@@ -97,7 +98,8 @@ def save_run(run_dir: Path, model: nn.Module, meta: RunMeta | Mapping[str, Any])
     """A finished run: ``model.safetensors`` then ``meta.json`` (its presence marks the run complete)."""
     meta = RunMeta.coerce(meta)
     fingerprint = meta.key.fingerprint if meta.key is not None else "none"
-    save_tensors_atomic(run_dir / "model.safetensors", model.state_dict(), {"key_fingerprint": fingerprint})
+    state = stored_state_dict(model)  # an inner key stays folded into the weights (blockkey.inner)
+    save_tensors_atomic(run_dir / "model.safetensors", state, {"key_fingerprint": fingerprint})
     write_json_atomic(run_dir / "meta.json", meta.to_json())
 
 

@@ -22,10 +22,10 @@ import torch
 
 from . import __version__
 from . import argtypes as at
-from .errors import BlockkeyError, ImageFileError, KeyMismatchError, OptionError
+from .errors import BlockkeyError, ImageFileError, KeyMismatchError
 from .fileio import atomic_path
 from .imageio import check_output_suffix, read_codes, read_image, sample_image, write_png
-from .keys import KeySet, parse_recipe, refuse_foreign_key
+from .keys import RECOMMENDED_RECIPE, KeySet, parse_recipe, refuse_foreign_key
 from .meta import RunMeta
 from .runtime import AMP_MODES
 from .show import step_grid
@@ -299,7 +299,7 @@ def _run_split(data: Any, meta: RunMeta) -> tuple[Any, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import stratified_split, stratified_subset
-    from .models import block_aligned, model_accepts, size_kwargs
+    from .models import model_kwargs_for
     from .train import fit
 
     key = KeySet.load(args.key) if args.key else None
@@ -309,20 +309,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.limit:
         data = stratified_subset(data, args.limit, args.seed)
     train, val = stratified_split(data, args.val_fraction, args.seed)
-    model_kwargs: dict[str, Any] = {}
-    if block_aligned(args.model):  # patch embedding aligned with the key's blocks (the twin: --patch)
-        model_kwargs["patch"] = key.block_size if key is not None else args.patch
-    if key is not None and key.inner is not None and model_accepts(args.model, "inner"):
-        model_kwargs["inner"] = True  # keyed points for the key's inner part (blockkey.inner)
-    if args.width is not None:
-        if not model_accepts(args.model, "width"):
-            raise OptionError(f"--width: model {args.model} has no width multiplier")
-        model_kwargs["width"] = args.width
-    model_kwargs |= size_kwargs(args.model, train.image_shape)  # timm ViTs: img_size
-    if args.pretrained:
-        if not args.model.startswith("timm_"):
-            raise BlockkeyError(f"--pretrained takes a timm_<name> model; got {args.model}")
-        model_kwargs["pretrained"] = True
+    model_kwargs = model_kwargs_for(
+        args.model, key, train.image_shape, patch=args.patch, width=args.width, pretrained=args.pretrained
+    )
     passports = None
     if args.protection == "passport":
         passports, model_kwargs = _passports_for(args, train, model_kwargs)
@@ -674,6 +663,8 @@ def _command(sub: Any, name: str, help_: str, *, json_flag: bool = True) -> argp
 
 
 def _add_demo(sub: Any) -> None:
+    from .demo import DEMO_MODEL
+
     sp = _command(
         sub, "demo", "train a protected model and its non-protected twin on embedded CIFAR-10 images, compare"
     )
@@ -685,12 +676,12 @@ def _add_demo(sub: Any) -> None:
         help="folder for the demo's runs (default %(default)s)",
     )
     sp.add_argument(
-        "--transforms", default="shuffle,negpos", help="recipe (default %(default)s; add ffx to see what FFX costs)"
+        "--transforms", default=RECOMMENDED_RECIPE, help="recipe (default %(default)s: the recommended mode)"
     )
     sp.add_argument(
         "--block-size", type=at.BLOCK_SIZE, default=4, help="block size M, dividing 32 (default %(default)s)"
     )
-    sp.add_argument("--model", default="patchnet", help="architecture (default %(default)s)")
+    sp.add_argument("--model", default=DEMO_MODEL, help="architecture (default %(default)s)")
     sp.add_argument("--epochs", type=at.EPOCHS, default=6, help="epochs per model (default %(default)s)")
     sp.add_argument(
         "--wrong-keys", type=at.NON_NEGATIVE_INT, default=20, help="random wrong keys to try (default %(default)s)"
@@ -719,9 +710,13 @@ def _add_tour(sub: Any) -> None:
 def _add_keygen(sub: Any) -> None:
     sp = _command(sub, "keygen", "generate a key set (OS entropy) or derive one from a passphrase (scrypt)")
     sp.add_argument(
-        "--transforms", required=True, help="ordered steps, e.g. shuffle,negpos,ffx (ffx-all: FFX on every position)"
+        "--transforms",
+        default=RECOMMENDED_RECIPE,
+        help="ordered steps (default %(default)s, the recommended mode; ffx-all: FFX on every position)",
     )
-    sp.add_argument("--block-size", type=at.BLOCK_SIZE, required=True, help="block size M (at most the image side)")
+    sp.add_argument(
+        "--block-size", type=at.BLOCK_SIZE, default=4, help="block size M, at most the image side (default %(default)s)"
+    )
     sp.add_argument("--channels", type=at.CHANNELS, default=3, help="image channels C (default %(default)s)")
     sp.add_argument("--passphrase", help="derive the key from this passphrase ('-' reads it from stdin)")
     sp.add_argument("--salt", help="hex salt for --passphrase (default: 16 random bytes, printed)")
@@ -936,7 +931,12 @@ def _train_augmentation_options(sp: argparse.ArgumentParser, d: TrainConfig) -> 
 
 def _train_precision_options(sp: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = sp.add_argument_group("precision and device")
-    g.add_argument("--amp", choices=AMP_MODES, default=d.amp, help="autocast: auto is bf16 (default %(default)s)")
+    g.add_argument(
+        "--amp",
+        choices=AMP_MODES,
+        default=d.amp,
+        help="autocast: auto is bf16 where the hardware runs it natively, else off (default %(default)s)",
+    )
     g.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,

@@ -68,6 +68,9 @@ STEP_NAMES = tuple(STEP_TYPES)
 #: Recipe tokens: the registered step tokens (``ffx-all`` is an FFX step on every position) and ``inner``
 #: (not a block step: it keys the feature maps inside a model, :mod:`blockkey.inner`).
 RECIPE_TOKENS = (*TOKENS, "inner")
+#: The recommended mode, what ``keygen``, ``demo`` and the README give without asking (the one place it is set):
+#: the input key plus the inner key folded into the weights (docs/attacks.md says what it stops and what not).
+RECOMMENDED_RECIPE = "shuffle,negpos,ffx,inner"
 
 
 @dataclass(frozen=True, slots=True, repr=False)

@@ -121,7 +121,7 @@ class RunMeta(Mapping[str, Any]):
 
     @property
     def amp(self) -> str:
-        """The autocast mode the run trained with, resolved (``auto`` -> ``bf16``)."""
+        """The autocast mode to run the model with here, resolved (``auto``: bf16 where this CPU has it natively)."""
         return resolve_amp(str(self.config.get("amp", "auto")))
 
     @property

@@ -26,18 +26,22 @@ Block-aligned models (those with a ``patch`` argument) expose their first layer 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from .errors import BlockkeyError
+from .errors import BlockkeyError, OptionError
+
+if TYPE_CHECKING:
+    from .inner import Point
 
 __all__ = [
     "block_aligned",
     "create_model",
     "list_models",
     "model_accepts",
+    "model_kwargs_for",
     "patch_embedding",
     "register_model",
     "size_kwargs",
@@ -76,6 +80,34 @@ def size_kwargs(name: str, image_shape: tuple[int, int, int]) -> dict:
         h, w = image_shape[1:]
         return {"image_size": h if h == w else [h, w]}
     return {}
+
+
+def model_kwargs_for(
+    name: str,
+    key: Any | None,
+    image_shape: tuple[int, int, int],
+    *,
+    patch: int = 4,
+    width: float | None = None,
+    pretrained: bool = False,
+) -> dict[str, Any]:
+    """The model arguments a run of ``name`` needs (the one place for that policy): ``patch`` = the key's block
+    size for block-aligned models (``patch`` for the twin without a key), ``width``, the image size of timm
+    ViTs, ``pretrained`` (timm). An inner key needs no argument: every model has its points
+    (:mod:`blockkey.inner`)."""
+    kwargs: dict[str, Any] = {}
+    if block_aligned(name):  # patch embedding aligned with the key's blocks
+        kwargs["patch"] = key.block_size if key is not None else patch
+    if width is not None:
+        if not model_accepts(name, "width"):
+            raise OptionError(f"--width: model {name} has no width multiplier")
+        kwargs["width"] = width
+    kwargs |= size_kwargs(name, image_shape)
+    if pretrained:
+        if not name.startswith("timm_"):
+            raise BlockkeyError(f"--pretrained takes a timm_<name> model; got {name}")
+        kwargs["pretrained"] = True
+    return kwargs
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
@@ -280,6 +312,23 @@ def _conv_groups(cin: int, widths: Sequence[int], inner: bool) -> nn.Sequential:
     return nn.Sequential(*groups)
 
 
+def _stem_and_group_points(stem: str, model: nn.Module) -> list[Point]:
+    """The keyed points of a stem (:func:`_stem`) and conv groups (:func:`_conv_groups`) under their 0.1 names:
+    after each activation, read by the next convolution or the head (the last keeps its signs)."""
+    from .inner import Point
+
+    groups: nn.Sequential = model.groups  # type: ignore[assignment]
+    readers = [f"{stem}.3", "groups.0.conv1"]
+    names = [f"{stem}.2.1", f"{stem}.5.1"]
+    for i in range(len(groups)):
+        names += [f"groups.{i}.key1", f"groups.{i}.key2"]
+        readers += [f"groups.{i}.conv2", f"groups.{i + 1}.conv1" if i + 1 < len(groups) else "head"]
+    return [
+        Point(n, r, int(model.get_submodule(r).weight.shape[1]), signs=n != names[-1])
+        for n, r in zip(names, readers, strict=True)
+    ]
+
+
 def _pool_head(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Global max pool, then the linear classifier."""
     return head(torch.flatten(nn.functional.adaptive_max_pool2d(x, 1), 1))
@@ -325,6 +374,10 @@ class PatchNet(nn.Module):
     def patch_embed(self) -> nn.Module:  # a convolution here; TablePatchNet's is not (see patch_embedding)
         return self.embed[0]
 
+    def inner_points(self) -> list[Point]:
+        """Keyed points (:mod:`blockkey.inner`): after every activation, under their version 0.1 names."""
+        return _stem_and_group_points("embed", self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _pool_head(self.head, self.groups(self.embed(x)))
 
@@ -365,6 +418,10 @@ class UpNet(nn.Module):
         self.stem = _stem(nn.PixelShuffle(up), w0, inner)
         self.groups = _conv_groups(w0, widths[1:], inner)
         self.head = nn.Linear(widths[-1], num_classes, bias=False)
+
+    def inner_points(self) -> list[Point]:
+        """Keyed points (:mod:`blockkey.inner`): after every activation, under their version 0.1 names."""
+        return _stem_and_group_points("stem", self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _pool_head(self.head, self.groups(self.stem(self.patch_embed(x))))

@@ -1,4 +1,4 @@
-"""Re-keyable models: fold a shuffle/negpos key into a block-aligned patch embedding.
+"""Re-keyable models: fold a shuffle/negpos key into a block-aligned patch embedding, an inner key into any model.
 
 A network whose first layer is a patch embedding with kernel = stride = M (``patchnet``,
 ``convmixer``, ``vit``, torchvision ViT / ConvNeXt / Swin stems) sees each M x M block through one
@@ -22,6 +22,9 @@ precision; the normalisation becomes per-position (``mode="position"``) whatever
 conversion is checked: the new model on images encrypted with the new key must give the old model's
 logits on the same images encrypted with the old key (float64, random images), else it is refused.
 
+An inner key (:mod:`blockkey.inner`) is folded into any architecture: it relabels the input columns of
+every keyed point's layer, so a plain model gets one (convert), changes it (rekey) or loses it, exactly.
+
 FFX cannot be folded in: it maps each pixel value through a keyed non-linear table, and no linear
 first layer reproduces that (see :data:`FFX_REFUSAL`).
 """
@@ -42,6 +45,7 @@ from .checkpoint import CheckpointError, RunMeta, load_model, save_run
 from .data import Normalize
 from .errors import BlockkeyError, KeyMismatchError
 from .functional import PIXEL_MAX, compile_block_plan, from_blocks, to_blocks
+from .inner import refold_inner, use_inner_key
 from .keys import FFX, KeySet
 from .meta import KeyInfo
 from .models import patch_embedding
@@ -94,11 +98,6 @@ def block_affine(key: KeySet) -> BlockAffine:
     nonlinear = [type(s) for s in key.steps if not s.linear]  # each step class declares it (blockkey.steps)
     if nonlinear:
         raise RekeyError(nonlinear_refusal(nonlinear[0]))
-    if key.inner is not None:
-        raise RekeyError(
-            "a key with an inner part keys the feature maps inside the network: convert and rekey fold "
-            "input keys into the first layer only"
-        )
     bp = compile_block_plan(key)
     flipped = (bp.codes[:, 0] == PIXEL_MAX).to(torch.float64)  # each table is v or 255 - v
     return BlockAffine(bp.src, 1.0 - 2.0 * flipped, flipped)
@@ -146,9 +145,12 @@ def rekey_model(
             f"the old and new keys differ in shape (M={old_key.block_size}, C={old_key.channels} vs "  # type: ignore[union-attr]
             f"M={new_key.block_size}, C={new_key.channels}); a model has one block size"  # type: ignore[union-attr]
         )
+    out = copy.deepcopy(model)
+    refold_inner(out, old_key, new_key)  # the inner part: a relabelling of the consumers' columns, any model
+    if not any(k.steps for k in keys):  # an inner key alone: the first layer and the normalisation stay
+        return out, normalize if normalize is not None else Normalize((0.0,) * c, (1.0,) * c)
     old = block_affine(old_key) if old_key is not None else None
     new = block_affine(new_key) if new_key is not None else None
-    out = copy.deepcopy(model)
     conv = _aligned_embedding(out, m)
     if conv.in_channels != c:
         raise RekeyError(f"the key is for {c}-channel images; the model takes {conv.in_channels} channels")
@@ -191,7 +193,7 @@ def logit_error(
     def logits(model: nn.Module, norm: Normalize | None, key: KeySet | None) -> Tensor:
         x = (KeyedTransform(key).encode(u) if key is not None else u).to(dtype) / PIXEL_MAX  # exact codes / 255
         x = normalise(x, norm.tensors(image_shape, "cpu", dtype) if norm is not None else None)
-        net = copy.deepcopy(model).cpu().to(dtype).eval()
+        net = use_inner_key(copy.deepcopy(model).cpu().to(dtype).eval(), key)  # the key holder's network
         with torch.no_grad():
             return net(x)
 

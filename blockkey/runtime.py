@@ -15,7 +15,16 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-__all__ = ["AMP_MODES", "autocast", "normalise", "pick_device", "predict_accuracy", "predict_views", "resolve_amp"]
+__all__ = [
+    "AMP_MODES",
+    "autocast",
+    "native_bf16",
+    "normalise",
+    "pick_device",
+    "predict_accuracy",
+    "predict_views",
+    "resolve_amp",
+]
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
@@ -27,9 +36,24 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
-def resolve_amp(amp: str) -> str:
-    """The autocast mode actually used: ``auto`` means bfloat16 (on CPU and GPU alike)."""
-    return "bf16" if amp == "auto" else amp
+def native_bf16(device: torch.device | str | None = None) -> bool:
+    """True where bfloat16 runs at hardware speed: a CUDA device that supports it, or a CPU with AVX-512 BF16
+    or AMX. Elsewhere (an AVX2-only CPU) bfloat16 autocast is emulated and several times slower than float32."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type != "cpu":
+        return True  # mps and others: autocast decides
+    cpu = torch.cpu
+    return any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def resolve_amp(amp: str, device: torch.device | str | None = None) -> str:
+    """The autocast mode actually used on ``device`` (default: the CPU): ``auto`` means bfloat16 where it is
+    native (:func:`native_bf16`), float32 (``off``) elsewhere."""
+    if amp != "auto":
+        return amp
+    return "bf16" if native_bf16(device) else "off"
 
 
 def autocast(device: torch.device, amp: str) -> AbstractContextManager[None]:

@@ -40,7 +40,13 @@ from .checkpoint import (
 from .data import BatchLoader, Data, DataError, Normalize, StreamLoader, check_crop_step, make_loader
 from .errors import BlockkeyError, OptionError, ShapeError
 from .fileio import write_text
-from .inner import use_inner_key
+from .inner import (
+    current_inner_key,
+    fold_optimizer_tensors,
+    load_stored_state_dict,
+    stored_state_dict,
+    use_inner_key,
+)
 from .keys import KeySet
 from .meta import KeyInfo, RunMeta, key_info
 from .models import block_aligned, create_model, patch_embedding
@@ -55,9 +61,13 @@ NORM_MODES = ("channel", "position", "none")  # per channel, per block position 
 OPTIMIZERS = ("sgd", "adam")  # SGD with (Nesterov) momentum, AdamW
 
 
+#: ``train``'s default architecture (and the demo's): block-aligned, keyed points folded into its weights.
+DEFAULT_MODEL = "fullnet"
+
+
 @dataclass
 class TrainConfig:
-    model: str = "fullnet"  # block-aligned (the key costs nothing for shuffle and negpos), full resolution after
+    model: str = DEFAULT_MODEL  # block-aligned (the key costs nothing for shuffle and negpos), full resolution after
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: int = 10
     batch_size: int = 256
@@ -68,7 +78,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     peak: float = 0.2  # fraction of training at which the triangular LR peaks (0.5: the paper's cyclic LR)
     seed: int = 0
-    amp: str = "auto"  # auto (bf16) | bf16 | fp16 | off
+    amp: str = "auto"  # auto (bf16 where the hardware has it, else off) | bf16 | fp16 | off
     channels_last: bool = True
     norm: str = "position"  # position (per block position of the key) | channel | none (raw values)
     crop_padding: int = 4
@@ -440,7 +450,9 @@ def _build_model(
         passports.attach(model)
     elif has_passport_layers:
         raise PassportError(f"{cfg.model} {cfg.model_kwargs} has passport layers: give it passports")
-    use_inner_key(model, key)  # the key's inner part at the model's keyed points (identity without one)
+    # The weights (seeded init, or init_from's stored ones) are taken as stored: unfolded with the key's inner
+    # part they are the plain network that trains, at full speed; every file written folds them back.
+    use_inner_key(model, key)
     embed = patch_embedding(model) if key is not None and block_aligned(cfg.model) else None
     if key is not None and embed is not None and tuple(embed.stride) != (key.block_size, key.block_size):
         raise ShapeError(
@@ -521,7 +533,7 @@ def _make_loop(
         val_loader = make_loader(val, 512, train=False, transform=transform, normalize=normalize, device=device)
     if len(loader) == 0:
         raise DataError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size}")
-    amp = resolve_amp(cfg.amp)
+    amp = resolve_amp(cfg.amp, device)
     return _Loop(
         model=model,
         net=model,
@@ -647,10 +659,13 @@ def _save_state(run: Path, loop: _Loop, state: dict[str, Any]) -> None:
     name = f"state-{state['epoch']:04d}"
     d = run / name
     d.mkdir(exist_ok=True)
-    save_tensors_atomic(d / "model.safetensors", loop.model.state_dict())
-    save_tensors_atomic(d / "optimizer.safetensors", _optimizer_tensors(loop.opt))
+    # the key's inner part is folded into every weight and optimizer buffer written (blockkey.inner)
+    save_tensors_atomic(d / "model.safetensors", stored_state_dict(loop.model))
+    save_tensors_atomic(
+        d / "optimizer.safetensors", fold_optimizer_tensors(loop.model, loop.opt, _optimizer_tensors(loop.opt))
+    )
     if loop.ema is not None:
-        save_tensors_atomic(d / "ema.safetensors", loop.ema.state_dict())
+        save_tensors_atomic(d / "ema.safetensors", stored_state_dict(loop.ema))
     write_json_atomic(d / "state.json", state)
     write_text(run / "LATEST", name)
     for old in run.glob("state-*"):
@@ -687,8 +702,11 @@ def _read_state(
                 f"{state_dir.parent}: --resume with {what}"
                 + (_differences(state.get(name), identity[name]) if name == "config" else "")
             )
-    loop.model.load_state_dict(load_weights(state_dir / "model.safetensors"))
-    _load_optimizer(loop.opt, {k: v.to(device) for k, v in load_weights(state_dir / "optimizer.safetensors").items()})
+    inner = current_inner_key(loop.model)  # the states hold folded weights: unfold them with it
+    load_stored_state_dict(loop.model, load_weights(state_dir / "model.safetensors"), inner)
+    opt_state = {k: v.to(device) for k, v in load_weights(state_dir / "optimizer.safetensors").items()}
+    _load_optimizer(loop.opt, fold_optimizer_tensors(loop.model, loop.opt, opt_state, unfold=True))
     if loop.ema is not None:
-        loop.ema.load_state_dict({k: v.to(device) for k, v in load_weights(state_dir / "ema.safetensors").items()})
+        ema = {k: v.to(device) for k, v in load_weights(state_dir / "ema.safetensors").items()}
+        load_stored_state_dict(loop.ema, ema, inner)
     return state["epoch"], state["history"]

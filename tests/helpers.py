@@ -115,7 +115,7 @@ def with_inner(key: KeySet, seed: int = 0) -> KeySet:
 
 
 def fit_inner_toy(data: ImageTensors, run) -> tuple[ImageTensors, ImageTensors, KeySet]:
-    """A small patchnet with keyed points, trained into ``run`` with a negpos + inner key on ``data`` (a learnable
+    """A small patchnet, trained into ``run`` with a negpos + inner key on ``data`` (a learnable
     toy set; a quarter held out). Returns ``(train, val, key)``."""
     from blockkey.data import stratified_split
     from blockkey.train import TrainConfig, fit
@@ -124,7 +124,7 @@ def fit_inner_toy(data: ImageTensors, run) -> tuple[ImageTensors, ImageTensors, 
     key = with_inner(rand_key("negpos", 4, seed=5), 11)
     cfg = TrainConfig(
         model="patchnet",
-        model_kwargs={"patch": 4, "width": 0.25, "inner": True},
+        model_kwargs={"patch": 4, "width": 0.25},
         epochs=8,
         batch_size=16,
         lr=0.05,

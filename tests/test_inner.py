@@ -85,10 +85,18 @@ class TestChannelKey:
         with pytest.raises(BlockkeyError, match="permutation"):
             point.set(torch.tensor([0, 0, 1, 2, 3]))
 
+    def test_forward_over_the_last_dim_for_linear_layers(self):
+        point = ChannelKey(4, dim=-1)
+        x = torch.randn(2, 3, 4)
+        perm, sign = torch.tensor([3, 1, 0, 2]), torch.tensor([-1.0, 1, 1, -1])
+        point.set(perm, sign)
+        assert torch.equal(point(x), x[..., perm] * sign)
+
     def test_model_without_points_refuses_an_inner_key(self):
+        one_layer = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 2, 2), torch.nn.Flatten())  # only the first layer
         with pytest.raises(BlockkeyError, match="no keyed points"):
-            use_inner_key(create_model("patchnet", 3, patch=2, width=0.1), KeySet.generate("inner", 2))
-        use_inner_key(create_model("patchnet", 3, patch=2, width=0.1), None)  # nothing to do
+            use_inner_key(one_layer, KeySet.generate("inner", 2))
+        use_inner_key(one_layer, None)  # nothing to do
 
     @pytest.mark.parametrize(("name", "points"), [("patchnet", 6), ("upnet", 8)])
     def test_state_dict_names_match_the_plain_model(self, name, points):
@@ -179,9 +187,12 @@ def test_trained_inner_model_needs_its_inner_key(inner_target):
     assert report.model_key["spec"][-1] == "inner"
 
 
-def test_rekey_refuses_inner_keys():
-    with pytest.raises(RekeyError, match="inner"):
-        block_affine(with_inner(rand_key("shuffle", 2)))
+def test_block_affine_takes_the_input_part_of_a_key_with_an_inner_part():
+    key = rand_key("shuffle", 2)
+    a, b = block_affine(key), block_affine(with_inner(key))
+    assert torch.equal(a.src, b.src) and torch.equal(a.sign, b.sign)
+    with pytest.raises(RekeyError, match="ffx"):
+        block_affine(with_inner(rand_key("shuffle,ffx", 2)))
 
 
 @pytest.mark.slow  # more than 10 s on a 2-vCPU VM
@@ -234,7 +245,7 @@ def test_cli_keygen_train_evaluate_attack(tmp_path, capsys):
     code, _, _ = run("train", *common, "--key", tmp_path / "k.json", "-o", tmp_path / "run")
     assert code == 0
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
-    assert meta["model_kwargs"]["inner"] is True and meta["key"]["spec"] == ["negpos", "inner"]
+    assert "inner" not in meta["model_kwargs"] and meta["key"]["spec"] == ["negpos", "inner"]
     secret = json.loads((tmp_path / "k.json").read_text())["inner"]["secret"]
     for f in (tmp_path / "run").rglob("*"):
         assert not f.is_file() or secret.encode() not in f.read_bytes()  # the secret stays in the key file

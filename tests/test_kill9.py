@@ -20,7 +20,7 @@ import torch
 
 from blockkey.checkpoint import load_model
 
-from .helpers import colour_data, rand_key, write_folder
+from .helpers import colour_data, rand_key, with_inner, write_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX")]
 
@@ -49,10 +49,23 @@ sys.exit(main(sys.argv[1:]))
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kill9")
     write_folder(tmp / "ds", colour_data(8))
-    rand_key("shuffle,negpos", 4).save(tmp / "k.json")
+    with_inner(rand_key("shuffle,negpos", 4)).save(tmp / "k.json")  # inner: states hold folded weights and momenta
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BLOCKKEY_CACHE": str(tmp / "cache"), "KILL_AT_SAVE": "0"}
     train = ["train", "--data", str(tmp / "ds"), "--key", str(tmp / "k.json"), "--model", "fastnet"]
-    train += ["--epochs", "4", "--batch-size", "8", "--lr", "0.05", "--amp", "off", "--val-fraction", "0"]
+    train += [
+        "--epochs",
+        "4",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.05",
+        "--amp",
+        "off",
+        "--val-fraction",
+        "0",
+        "--ema",
+        "0.9",
+    ]
     return tmp, env, train
 
 

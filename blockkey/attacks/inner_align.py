@@ -22,7 +22,7 @@ channels by the correlation of the two (Hungarian). The input key is outside thi
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ from .. import argtypes as at
 from ..data import Data
 from ..errors import KeyMismatchError
 from ..functional import BlockPlan
-from ..inner import ChannelKey, inner_points
+from ..inner import ChannelKey, inner_points, set_points, with_keyed_points
 from ..keys import KeySet
 from ..transforms import KeyedTransform
 from . import AttackReport, Target, accuracy, make_report
@@ -55,7 +55,7 @@ def _trace(model: nn.Module, x: torch.Tensor) -> list[_Point]:
     """Each keyed point with the layer reading it and the BatchNorm after that, in forward order."""
     order: list[tuple[str, nn.Module]] = []
     names = {m: n for n, m in model.named_modules()}
-    leaves = [m for m in model.modules() if not list(m.children()) or isinstance(m, ChannelKey)]
+    leaves = [m for m in model.modules() if not list(m.children()) or isinstance(m, (ChannelKey, nn.Conv2d, nn.Linear))]
     hooks = [m.register_forward_pre_hook(lambda mod, inp: order.append((names[mod], mod))) for m in leaves]
     try:
         with torch.no_grad():
@@ -224,12 +224,12 @@ def align_inner(
     """Recover every keyed point of ``target.model`` from ``images`` labelled plain images of ``data``.
 
     ``outer`` is the input key the images are keyed with (the true one given, or one an attack recovered).
-    Returns ``{point name: (perm, sign)}``; the model's points are left as recovered.
+    ``target.model`` is a keyed-point view (:func:`blockkey.inner.with_keyed_points`) of the stolen model.
+    Returns ``{point name: (perm, sign)}``; the view's points are left as recovered.
     """
     from ..data import make_loader, stratified_subset
-    from ..inner import use_inner_key
 
-    model = use_inner_key(target.model.eval(), None)
+    model = set_points(target.model.eval(), None)
     transform = KeyedTransform(outer) if outer is not None else None
     sample = stratified_subset(data, images, seed=0)
     loader = make_loader(
@@ -264,14 +264,16 @@ def inner_align_attack(
         raise KeyMismatchError("inner-align attacks a key with an inner part (recipe token 'inner')")
     started = time.perf_counter()
     outer = KeySet(key.block_size, key.channels, key.steps) if key.steps else None
-    true = inner_points(target.model, key.inner)
+    # the stolen weights as stored, with an explicit keyed point in front of each consumer to set
+    view = replace(target, model=with_keyed_points(target.model))
+    true = inner_points(view.model, key.inner)
     rows = []
     for n in images:
         t0 = time.perf_counter()
-        found = align_inner(target, outer, data, n, sweeps, seconds_per_point)
+        found = align_inner(view, outer, data, n, sweeps, seconds_per_point)
         right = sum(int(((found[p][0] == tp) & (found[p][1] == ts)).sum()) for p, (tp, ts) in true.items())
         total = sum(len(tp[0]) for tp in true.values())
-        acc = accuracy(target, KeyedTransform(outer) if outer is not None else None, keep_inner=True)
+        acc = accuracy(view, KeyedTransform(outer) if outer is not None else None, keep_inner=True)
         rows.append(
             {
                 "setting": f"{n} labelled images, input key given",
