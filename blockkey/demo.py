@@ -64,7 +64,7 @@ def run_demo(
     log(f"key {key.fingerprint}: {' -> '.join(key.spec)}, {block_size}x{block_size} blocks ({out / 'key.json'})")
     log(f"data: {len(train)} CIFAR-10 training images, {len(test)} held out (embedded, no download)")
 
-    results: dict[str, Any] = {"key_fingerprint": key.fingerprint, "recipe": list(key.recipe), "block_size": block_size}
+    results: dict[str, Any] = {"key_fingerprint": key.fingerprint, "recipe": list(key.spec), "block_size": block_size}
     runs = (("protected", key), ("twin", None))
     for name, k in runs:
         kwargs = model_kwargs_for(model, k, train.image_shape, patch=block_size)

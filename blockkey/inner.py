@@ -353,11 +353,11 @@ def with_keyed_points(model: nn.Module) -> nn.Module:
 
 
 def view_points(view: nn.Module) -> Iterator[tuple[Point, ChannelKey]]:
-    """Each point of a :func:`with_keyed_points` view with its module."""
+    """Each point of a :func:`with_keyed_points` view with its module (none for a model that is not a view)."""
     for p in model_points(view):
-        point = view.get_submodule(p.consumer).inner_point
-        assert isinstance(point, ChannelKey)
-        yield p, point
+        point = getattr(view.get_submodule(p.consumer), "inner_point", None)
+        if isinstance(point, ChannelKey):
+            yield p, point
 
 
 def set_points(view: nn.Module, key: KeySet | InnerKey | None) -> nn.Module:

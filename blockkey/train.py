@@ -44,6 +44,7 @@ from .inner import (
     current_inner_key,
     fold_optimizer_tensors,
     load_stored_state_dict,
+    refold_inner,
     stored_state_dict,
     use_inner_key,
 )
@@ -197,13 +198,18 @@ def _probe(model: nn.Module, image_shape: tuple[int, int, int], name: str) -> No
         model.train()
 
 
-def _init_from(model: nn.Module, src: str, cfg: TrainConfig, classes: tuple[str, ...]) -> None:
+def _init_from(model: nn.Module, src: str, cfg: TrainConfig, classes: tuple[str, ...], key: KeySet | None) -> None:
+    """Start from ``src``'s weights. A source without an inner key holds plain weights: they are stored for
+    ``key`` (so the network that trains is the source's own); one with an inner key holds them folded, and
+    they are unfolded with ``key``'s inner part like any stored weights (the wrong network without its key)."""
     meta = read_meta(src)
     if meta.model != cfg.model or meta.model_kwargs != cfg.model_kwargs:
         raise CheckpointError(f"--init-from {src}: a {meta.model} {meta.model_kwargs}, not {cfg.model}")
     if list(meta.classes) != list(classes):
         raise CheckpointError(f"--init-from {src}: its classes differ from the data's")
     model.load_state_dict(load_weights(Path(src) / "model.safetensors"))
+    if meta.key is None or not meta.key.has_inner:
+        refold_inner(model, None, key)
 
 
 def _versions() -> dict[str, str]:
@@ -442,7 +448,7 @@ def _build_model(
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, len(train.classes), train.image_shape[0], **cfg.model_kwargs)
     if cfg.init_from is not None:
-        _init_from(model, cfg.init_from, cfg, train.classes)
+        _init_from(model, cfg.init_from, cfg, train.classes, key)
     has_passport_layers = bool(passport_layers(model))
     if passports is not None:
         if key is not None:

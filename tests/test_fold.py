@@ -233,3 +233,89 @@ def test_view_and_wrappers_find_the_same_points():
     assert list(view.state_dict()) == list(model.state_dict())  # the view's points hold no state
     again = copy.deepcopy(model)
     assert torch.equal(stored_state_dict(again)["head.weight"], stored_state_dict(model)["head.weight"])
+
+
+@pytest.fixture(scope="module")
+def public_and_stolen(tmp_path_factory):
+    """A "public" plain patchnet, a protected model fine-tuned from it, and one trained from its own init."""
+    from blockkey.data import stratified_split
+    from blockkey.train import TrainConfig, fit
+
+    from .helpers import colour_data
+
+    tmp = tmp_path_factory.mktemp("refmatch")
+    train, val = stratified_split(colour_data(60, size=16), 0.25, 0)
+    key = with_inner(rand_key("negpos", 4, seed=5), 12)
+    common = {"model": "patchnet", "model_kwargs": {"patch": 4, "width": 0.25}, "batch_size": 16, "amp": "off"}
+    quiet = {"progress": False, "log": lambda s: None}
+    fit(train, None, None, TrainConfig(**common, epochs=6, lr=0.05), tmp / "public", **quiet)
+    tuned = TrainConfig(**common, epochs=2, lr=0.005, init_from=str(tmp / "public"), seed=1)
+    fit(train, None, key, tuned, tmp / "tuned", **quiet)
+    fit(train, None, key, TrainConfig(**common, epochs=6, lr=0.05, seed=2), tmp / "private", **quiet)
+    return tmp, key, val
+
+
+def test_fine_tuning_from_a_plain_run_starts_from_its_network(public_and_stolen):
+    """init_from a plain run with an inner key: the key holder's network is the source's, nudged."""
+    from blockkey.checkpoint import load_model
+
+    tmp, key, _ = public_and_stolen
+    public = load_model(tmp / "public")[0]
+    tuned = use_inner_key(load_model(tmp / "tuned")[0], key)
+    stolen = load_model(tmp / "tuned")[0]
+    w = "groups.0.conv2.weight"
+    near = float((tuned.state_dict()[w] - public.state_dict()[w]).norm() / public.state_dict()[w].norm())
+    far = float((stolen.state_dict()[w] - public.state_dict()[w]).norm() / public.state_dict()[w].norm())
+    assert near < 0.2 and far > 0.8
+
+
+def test_reference_match_recovers_a_public_derived_key_and_not_a_private_one(public_and_stolen):
+    from blockkey.attacks import Target, accuracy
+    from blockkey.attacks.reference_match import load_reference_state, reference_match_attack
+    from blockkey.checkpoint import load_model
+    from blockkey.transforms import KeyedTransform
+
+    tmp, key, val = public_and_stolen
+    reference = load_reference_state(tmp / "public")
+    rows = {}
+    for name in ("tuned", "private"):
+        model, meta = load_model(tmp / name)
+        target = Target(model, meta, key, val)
+        report = reference_match_attack(target, reference, "public")
+        rows[name] = report.rows[0]
+        assert report.key_holder_accuracy == pytest.approx(accuracy(target, KeyedTransform(key)))
+    assert rows["tuned"]["channel_fraction"] > 0.9 and rows["private"]["channel_fraction"] < 0.2
+    assert rows["tuned"]["attacker_accuracy"] > 0.9 > 0.6 > rows["private"]["attacker_accuracy"], rows
+
+
+def test_cli_convert_and_rekey_an_inner_key_into_a_trained_model(public_and_stolen, tmp_path, capsys):
+    """blockkey convert/rekey with an inner key: the key holder keeps the plain model's accuracy, the same
+    weights without the inner key fall to the toy's chance, and a wrong inner key does not help."""
+    from blockkey.attacks import Target, accuracy
+    from blockkey.checkpoint import load_model
+    from blockkey.cli import main
+    from blockkey.evaluate import evaluate_run
+    from blockkey.transforms import KeyedTransform
+
+    tmp, _, val = public_and_stolen
+    k1, k2 = KeySet.generate("shuffle,negpos,inner", 4), KeySet.generate("shuffle,negpos,inner", 4)
+    k1.save(tmp_path / "k1.json")
+    k2.save(tmp_path / "k2.json")
+    assert (
+        main(["convert", "--model", str(tmp / "public"), "--key", str(tmp_path / "k1.json"), "-o", str(tmp_path / "c")])
+        == 0
+    )
+    args = ["rekey", "--model", str(tmp_path / "c"), "--old-key", str(tmp_path / "k1.json")]
+    assert main([*args, "--new-key", str(tmp_path / "k2.json"), "-o", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    plain = evaluate_run(tmp / "public", val, None, wrong_keys=0, progress=False).rows[0]["accuracy"]
+    assert plain > 0.9
+    for run, key in ((tmp_path / "c", k1), (tmp_path / "r", k2)):
+        rows = evaluate_run(run, val, key, wrong_keys=0, progress=False).rows
+        assert rows[0]["accuracy"] == pytest.approx(plain, abs=1 / len(val))
+        outer_only = KeySet(key.block_size, key.channels, key.steps)
+        model, meta = load_model(run)
+        target = Target(model, meta, key, val)
+        assert accuracy(target, KeyedTransform(outer_only)) < 0.6  # the input key alone: near the toy's chance
+        wrong = KeySet(key.block_size, key.channels, key.steps, inner=KeySet.generate("inner", 4).inner)
+        assert accuracy(target, KeyedTransform(wrong)) < 0.6

@@ -22,7 +22,7 @@ channels by the correlation of the two (Hungarian). The input key is outside thi
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,12 +31,12 @@ from torch import nn
 
 from .. import argtypes as at
 from ..data import Data
-from ..errors import KeyMismatchError
 from ..functional import BlockPlan
-from ..inner import ChannelKey, inner_points, set_points, with_keyed_points
+from ..inner import ChannelKey, set_points, view_points
 from ..keys import KeySet
 from ..transforms import KeyedTransform
-from . import AttackReport, Target, accuracy, make_report
+from . import AttackReport, Target, make_report
+from ._inner import channel_fraction, inner_view, input_key, recovered_accuracy
 from .registry import AttackData, AttackSpec, option, register_attack
 
 __all__ = ["InnerAlignSettings", "align_inner", "inner_align_attack"]
@@ -54,7 +54,7 @@ class _Point:
 def _trace(model: nn.Module, x: torch.Tensor) -> list[_Point]:
     """Each keyed point with the layer reading it and the BatchNorm after that, in forward order."""
     order: list[tuple[str, nn.Module]] = []
-    names = {m: n for n, m in model.named_modules()}
+    names = {m: n for n, m in model.named_modules()} | {point: p.name for p, point in view_points(model)}
     leaves = [m for m in model.modules() if not list(m.children()) or isinstance(m, (ChannelKey, nn.Conv2d, nn.Linear))]
     hooks = [m.register_forward_pre_hook(lambda mod, inp: order.append((names[mod], mod))) for m in leaves]
     try:
@@ -259,27 +259,19 @@ def inner_align_attack(
     Rows: the share of channels whose source and sign came out right over all points, and the stolen
     model's accuracy with the recovered inner key.
     """
-    key = target.key
-    if not isinstance(key, KeySet) or key.inner is None:
-        raise KeyMismatchError("inner-align attacks a key with an inner part (recipe token 'inner')")
+    outer = input_key(target, "inner-align")
     started = time.perf_counter()
-    outer = KeySet(key.block_size, key.channels, key.steps) if key.steps else None
-    # the stolen weights as stored, with an explicit keyed point in front of each consumer to set
-    view = replace(target, model=with_keyed_points(target.model))
-    true = inner_points(view.model, key.inner)
+    view = inner_view(target)
     rows = []
     for n in images:
         t0 = time.perf_counter()
         found = align_inner(view, outer, data, n, sweeps, seconds_per_point)
-        right = sum(int(((found[p][0] == tp) & (found[p][1] == ts)).sum()) for p, (tp, ts) in true.items())
-        total = sum(len(tp[0]) for tp in true.values())
-        acc = accuracy(view, KeyedTransform(outer) if outer is not None else None, keep_inner=True)
         rows.append(
             {
                 "setting": f"{n} labelled images, input key given",
                 "images": n,
-                "channel_fraction": right / total,
-                "attacker_accuracy": acc,
+                "channel_fraction": channel_fraction(view, found),
+                "attacker_accuracy": recovered_accuracy(view, outer),
                 "seconds": round(time.perf_counter() - t0, 1),
             }
         )
