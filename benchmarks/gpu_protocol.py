@@ -68,7 +68,7 @@ from blockkey import KeySet, bench
 from blockkey.bench import PAPER_RECIPES as RECIPES
 from blockkey.checkpoint import write_json_atomic
 from blockkey.data import load_dataset, stratified_split, stratified_subset
-from blockkey.models import block_aligned
+from blockkey.models import model_kwargs_for
 from blockkey.train import TrainConfig, fit
 
 FAST = {"none": None, "shuffle-negpos-ffx": "shuffle,negpos,ffx"}
@@ -102,7 +102,7 @@ def calibrate(model: str, kwargs: dict, recipe: str | None, train, cfg: dict, ar
     (timed between the epochs' log lines, so it includes saving the state, as in a real run)."""
     subset = stratified_subset(train, args.calib_images, args.seed)
     key = KeySet.generate(recipe, 4) if recipe else None
-    kwargs = ({"patch": 4} if block_aligned(model) else {}) | kwargs
+    kwargs = model_kwargs_for(model, key, train.image_shape) | kwargs
     run = Path(tempfile.mkdtemp(prefix=f"calib-{model}-", dir=work))
     config = TrainConfig(model=model, model_kwargs=kwargs, epochs=2, seed=args.seed, norm="position", **cfg)
     stamps: list[float] = []

@@ -32,7 +32,7 @@ from blockkey import KeySet, bench
 from blockkey.checkpoint import write_json_atomic
 from blockkey.data import ImageTensors
 from blockkey.export import export_onnx, keyed_input
-from blockkey.models import block_aligned
+from blockkey.models import model_kwargs_for
 from blockkey.predict import Predictor
 from blockkey.train import TrainConfig, fit
 
@@ -56,7 +56,7 @@ def make_run(name: str, key: KeySet, out: Path) -> Path:
         torch.arange(64) % 10,
         tuple(f"c{i}" for i in range(10)),
     )
-    kwargs = {"patch": key.block_size} if block_aligned(name) else {}
+    kwargs = model_kwargs_for(name, key, data.image_shape)
     cfg = TrainConfig(model=name, model_kwargs=kwargs, epochs=0, batch_size=32, amp="off")
     fit(data, None, key, cfg, out / name, device="cpu", progress=False, log=lambda s: None)
     return out / name

@@ -21,7 +21,7 @@ from blockkey import KeySet, bench
 from blockkey.checkpoint import write_json_atomic
 from blockkey.data import load_dataset, stratified_split, stratified_subset
 from blockkey.evaluate import evaluate_run
-from blockkey.models import block_aligned
+from blockkey.models import model_kwargs_for
 from blockkey.train import TrainConfig, fit
 
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     train, val = stratified_split(data, 0.1, 0)
     train, val = stratified_subset(train, args.train_images, 0), stratified_subset(val, 2000, 0)
     key = None if args.recipe == "none" else KeySet.derive("exp", args.recipe, 4, salt=b"exp")
-    kwargs = {"patch": 4} if block_aligned(args.model) else {}
+    kwargs = model_kwargs_for(args.model, key, train.image_shape)
     kwargs |= {k: int(v) for k, v in (a.split("=", 1) for a in args.model_arg)}
     cfg = TrainConfig(
         model=args.model, model_kwargs=kwargs, epochs=args.epochs, norm=args.norm, lr=0.2, label_smoothing=0.1

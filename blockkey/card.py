@@ -106,6 +106,19 @@ def _protection(meta: RunMeta) -> tuple[str, list[str], str]:
             "the network, so the weights are useless without it. The key is not in this folder (runs never hold "
             "key material); use the key file with this fingerprint (`blockkey info KEY` prints it)."
         )
+        if key.has_inner:
+            summary += (
+                "\n\nThe key's inner part (recommended mode) is folded into the stored weights: every layer after the "
+                "first reads its input channels in a secret signed order, at no cost in time or accuracy. It does "
+                "not protect a model whose weights descend from public weights (`blockkey attack reference-match` "
+                "reads the order off by comparing the two), and a thief with labelled data still gains from the "
+                "intact first layer: see docs/attacks.md."
+            )
+        else:
+            summary += (
+                "\n\nThis key has no inner part: the weights alone give the input key of block-aligned models away "
+                "(docs/attacks.md). The recommended mode adds one (`blockkey keygen` without --transforms)."
+            )
         return summary, rows, "--key KEY.json"
     if passport:
         rows = [

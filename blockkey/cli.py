@@ -700,7 +700,7 @@ def _add_tour(sub: Any) -> None:
         default="blockkey-tour",
         help="folder for the tour's files (default %(default)s)",
     )
-    sp.add_argument("--transforms", default="shuffle,negpos,ffx", help="recipe (default %(default)s)")
+    sp.add_argument("--transforms", default=RECOMMENDED_RECIPE, help="recipe (default %(default)s)")
     sp.add_argument(
         "--block-size", type=at.BLOCK_SIZE, default=4, help="block size M, dividing 32 (default %(default)s)"
     )

@@ -13,6 +13,7 @@ from PIL import Image
 from blockkey import FFX, KeySet
 from blockkey.cli import main
 from blockkey.imageio import read_codes, sample_image
+from blockkey.keys import RECIPE_TOKENS, RECOMMENDED_RECIPE
 from blockkey.transforms import KeyedTransform
 
 from .helpers import grid_panels
@@ -240,6 +241,28 @@ class TestReviewRegressions:
         assert run(capsys, "tour", "-o", tmp_path / "t")[0] == 0  # its own demo key may be replaced
         code, _, err = run(capsys, "tour", "-o", tmp_path / "t64", "--block-size", 64)
         assert code == 2 and "block size dividing 32" in err and not (tmp_path / "t64").exists()
+
+
+@pytest.mark.slow  # a few seconds each on a 2-vCPU VM
+@pytest.mark.parametrize("recipe", [*RECIPE_TOKENS, RECOMMENDED_RECIPE])
+def test_demo_runs_every_recipe_keygen_accepts(tmp_path, capsys, recipe):
+    """Each recipe token alone, and the recommended mode (the demo's default), trains and evaluates."""
+    args = ["demo", "-o", tmp_path / "d", "--epochs", "1", "--limit", "300", "--wrong-keys", "1", "--json"]
+    code, stdout, err = run(capsys, *args, "--transforms", recipe)
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["recipe"] == recipe.split(",") and len(res["rows"]) == 4
+    meta = json.loads((tmp_path / "d" / "protected" / "meta.json").read_text())
+    assert meta["key"]["spec"] == recipe.split(",")
+
+
+def test_keygen_and_demo_default_to_the_recommended_mode(tmp_path, capsys):
+    from blockkey.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).transforms == RECOMMENDED_RECIPE
+    assert run(capsys, "keygen", "-o", tmp_path / "k.json")[0] == 0
+    key = KeySet.load(tmp_path / "k.json")
+    assert key.spec == tuple(RECOMMENDED_RECIPE.split(",")) and key.block_size == 4
 
 
 @pytest.mark.slow  # more than 10 s on a 2-vCPU VM

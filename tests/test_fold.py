@@ -319,3 +319,36 @@ def test_cli_convert_and_rekey_an_inner_key_into_a_trained_model(public_and_stol
         assert accuracy(target, KeyedTransform(outer_only)) < 0.6  # the input key alone: near the toy's chance
         wrong = KeySet(key.block_size, key.channels, key.steps, inner=KeySet.generate("inner", 4).inner)
         assert accuracy(target, KeyedTransform(wrong)) < 0.6
+
+
+def test_epoch_states_hold_folded_weights(tmp_path):
+    """A run stopped after its first epoch leaves a state whose weights are in the stored (folded) form:
+    next to the finished run's stored weights, far from their unfolded form (momenta: the equivalence test
+    above checks their fold)."""
+    from blockkey.checkpoint import load_weights
+    from blockkey.data import stratified_split
+    from blockkey.train import TrainConfig, fit
+
+    from .helpers import colour_data
+
+    train, _ = stratified_split(colour_data(20, size=16), 0.25, 0)
+    cfg = TrainConfig(
+        model="patchnet", model_kwargs={"patch": 4, "width": 0.25}, epochs=2, batch_size=16, lr=0.01, amp="off"
+    )
+
+    def stop_after_first(line: str) -> None:
+        if line.startswith("epoch 2/2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(train, None, KEY, cfg, tmp_path / "run", progress=False, log=stop_after_first)
+    state = load_weights(tmp_path / "run" / "state-0001" / "model.safetensors")
+    fit(train, None, KEY, cfg, tmp_path / "run", resume=True, progress=False, log=lambda s: None)
+    final = load_weights(tmp_path / "run" / "model.safetensors")
+    model = create_model("patchnet", 3, patch=4, width=0.25)
+    model.load_state_dict(final)
+    use_inner_key(model, KEY)
+    unfolded = model.state_dict()
+    for p in model_points(model):
+        w = f"{p.consumer}.weight"
+        assert (state[w] - final[w]).norm() < 0.3 * (state[w] - unfolded[w]).norm()
