@@ -329,7 +329,8 @@ def _modules_at(root: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _apply_point(layer: nn.Module, args: tuple) -> tuple:
-    return (layer.inner_point(args[0]), *args[1:])
+    point: nn.Module = layer.inner_point  # type: ignore[assignment]  # set by with_keyed_points
+    return (point(args[0]), *args[1:])
 
 
 def with_keyed_points(model: nn.Module) -> nn.Module:

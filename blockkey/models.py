@@ -324,7 +324,7 @@ def _stem_and_group_points(stem: str, model: nn.Module) -> list[Point]:
         names += [f"groups.{i}.key1", f"groups.{i}.key2"]
         readers += [f"groups.{i}.conv2", f"groups.{i + 1}.conv1" if i + 1 < len(groups) else "head"]
     return [
-        Point(n, r, int(model.get_submodule(r).weight.shape[1]), signs=n != names[-1])
+        Point(n, r, int(model.get_parameter(f"{r}.weight").shape[1]), signs=n != names[-1])
         for n, r in zip(names, readers, strict=True)
     ]
 

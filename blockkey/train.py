@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from .inner import (
 )
 from .keys import KeySet
 from .meta import KeyInfo, RunMeta, key_info
-from .models import block_aligned, create_model, patch_embedding
+from .models import block_aligned, create_model, model_kwargs_for, patch_embedding
 from .passport import PassportError, Passports, passport_layers, sign_loss
 from .runtime import AMP_MODES, autocast, pick_device, predict_accuracy, resolve_amp
 from .transforms import KeyedTransform
@@ -348,6 +348,8 @@ def _fit(
 ) -> RunMeta:
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     say = log if dist.main else (lambda s: None)
+    if key is not None:  # what the key needs of the model (patch = its block size), where not given
+        cfg = replace(cfg, model_kwargs=model_kwargs_for(cfg.model, key, train.image_shape) | cfg.model_kwargs)
     _check_data(train, key, cfg.cutout)
     check_crop_step(train, cfg.crop_step)
     state_dir = _open_run(run, resume, dist)

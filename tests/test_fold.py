@@ -352,3 +352,14 @@ def test_epoch_states_hold_folded_weights(tmp_path):
     for p in model_points(model):
         w = f"{p.consumer}.weight"
         assert (state[w] - final[w]).norm() < 0.3 * (state[w] - unfolded[w]).norm()
+
+
+def test_fit_gives_a_block_aligned_model_the_keys_block_size(tmp_path):
+    """The model-argument policy lives in the library: fit sets patch from the key where it is not given."""
+    from blockkey.train import TrainConfig, fit
+
+    from .helpers import colour_data
+
+    cfg = TrainConfig(model="patchnet", model_kwargs={"width": 0.25}, epochs=1, batch_size=4, amp="off")
+    meta = fit(colour_data(4, size=8), None, rand_key("shuffle", 2), cfg, tmp_path / "r", progress=False, log=print)
+    assert meta.model_kwargs == {"width": 0.25, "patch": 2}
