@@ -47,7 +47,7 @@ from . import argtypes as at
 from .checkpoint import CheckpointError, load_model, save_run
 from .data import Data, DataError, Normalize, make_loader
 from .errors import KeyMismatchError, OptionError
-from .inner import use_inner_key
+from .inner import set_points, with_keyed_points
 from .keys import KeySet
 from .runtime import pick_device, predict_accuracy
 from .train import check_training_data, trainable_parameters
@@ -194,12 +194,12 @@ def _step(
 ) -> dict[str, float]:
     """One outer step's gradients (accumulated in ``.grad``); returns its losses and timings."""
     t0 = time.perf_counter()
-    use_inner_key(model, key)
+    set_points(model, key)
     x, y = keyed
     holder = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
     holder.backward()
     t_holder = time.perf_counter() - t0
-    use_inner_key(model, None)  # what the thief runs
+    set_points(model, None)  # what the thief runs
     row = {"holder_loss": float(holder.detach()), "holder_seconds": t_holder}
     if cfg.plain_weight > 0:
         params: dict[str, Tensor] = dict(model.named_parameters())
@@ -212,7 +212,7 @@ def _step(
         grads, row["thief_acc"] = _thief(model, cfg, plain, rng)
         for n, p in model.named_parameters():
             p.grad = grads[n] if p.grad is None else p.grad + grads[n]
-    use_inner_key(model, key)
+    set_points(model, key)
     row["seconds"] = time.perf_counter() - t0
     return row
 
@@ -241,7 +241,10 @@ def harden(
         raise CheckpointError(f"{out} already holds a run; pick another folder")
     check_training_data(train)
     dev = pick_device(str(device) if device is not None else None)
-    model, meta = load_model(run_dir, dev)
+    stolen, meta = load_model(run_dir, dev)
+    # The weights stay in their stored form and the inner key is applied by explicit keyed points (a gather),
+    # so that the holder's and the thief's gradients are taken in the same coordinates.
+    model = with_keyed_points(stolen)
     if meta.key is None or meta.key.fingerprint != key.fingerprint:
         raise KeyMismatchError(f"{key.fingerprint} is not the key of {run_dir}: suppression needs the model's key")
     config, normalize = meta.config, meta.normalize
@@ -296,7 +299,7 @@ def harden(
         log(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "epoch"))
     seconds = time.perf_counter() - t_start
     factor = sum(h["seconds"] for h in history) / max(1e-9, sum(h["holder_seconds"] for h in history))
-    use_inner_key(model, None)
+    set_points(model, None)
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     new = dict(meta)
@@ -317,9 +320,9 @@ def _accuracies(model: nn.Module, key: KeySet, val: Data, normalize: Normalize |
     """The key holder's and the plain-image accuracy on ``val`` (leaves the model in train mode, key on)."""
     res = {}
     for name, transform, inner in (("val_holder", KeyedTransform(key), key), ("val_plain", None, None)):
-        use_inner_key(model, inner)
+        set_points(model, inner)
         loader = make_loader(val, 500, train=False, transform=transform, normalize=normalize, device=dev)
         res[name] = round(predict_accuracy(model, loader, dev, "off", channels_last=False), 4)
-    use_inner_key(model, key)
+    set_points(model, key)
     model.train()
     return res

@@ -41,6 +41,7 @@ from .. import argtypes as at
 from ..data import ImageTensors
 from ..errors import BlockkeyError
 from ..functional import FFX_MAX, PIXEL_MAX, BlockPlan, compile_block_plan
+from ..inner import stored_state_dict
 from ..keys import FFX, KeySet, ffx_table
 from ..meta import RunMeta
 from ..models import TableEmbed, create_model
@@ -254,7 +255,7 @@ def plain_input_model(
     (a shared table cannot flip single positions)."""
     stem = shared_table(model)
     new = create_model(meta["model"], len(meta["classes"]), meta["image_shape"][0], **meta.get("model_kwargs", {}))
-    new.load_state_dict(model.state_dict())
+    new.load_state_dict(stored_state_dict(model))  # the stolen weights, whatever key the model runs now
     ns = shared_table(new)
     d = stem.value_dim
     src = torch.arange(stem.length) if src is None else src
