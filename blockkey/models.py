@@ -386,8 +386,9 @@ class PatchNet(nn.Module):
 def patchnet(
     num_classes: int, in_channels: int = 3, patch: int = 4, width: float = 1.0, inner: bool = False
 ) -> nn.Module:
-    """Block-aligned net: set ``patch`` to the key's block size (the trainer does). ``inner``: a keyed
-    point (:mod:`blockkey.inner`) after every activation (6), for keys with an inner part."""
+    """Block-aligned net: set ``patch`` to the key's block size (the trainer does). ``inner=True``: version
+    0.1's explicit keyed-point modules (a gather after every activation), kept so that its runs load and as
+    the reference the fold is tested against; an inner key needs no argument now (:mod:`blockkey.inner`)."""
     widths = tuple(max(8, round(w * width)) for w in (128, 256, 256))
     return PatchNet(num_classes, in_channels, patch, widths, inner)
 
@@ -440,7 +441,7 @@ def upnet(
     """Block-aligned net at twice patchnet's resolution (:class:`UpNet`); set ``patch`` to the key's block
     size (``blockkey train`` does). ``up``: depth-to-space factor (default 2, or 1 for an odd block size).
     ``widths``: the stem's channels, then each conv group's (each halves the resolution), all times
-    ``width``. ``inner``: a keyed point after every activation, for keys with an inner part."""
+    ``width``. ``inner=True``: version 0.1's explicit keyed-point modules (see :func:`patchnet`)."""
     if len(widths) < 2:
         raise BlockkeyError(f"upnet: widths needs the stem and at least one group; got {list(widths)}")
     chans = tuple(max(8, round(w * width)) for w in widths)
