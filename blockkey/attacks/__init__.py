@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data import Data, Normalize, make_loader
 from ..errors import BlockkeyError
+from ..fileio import atomic_path
 from ..inner import use_inner_key
 from ..keys import KeySet
 from ..meta import RunMeta
@@ -129,8 +130,11 @@ class AttackReport:
             lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    def plot(self, path: str | os.PathLike[str], x: str, y: str = "attacker_accuracy") -> None:
-        """Attacker accuracy against ``x`` (e.g. the data fraction), key holder and chance as lines."""
+    def plot(
+        self, path: str | os.PathLike[str], x: str, y: str = "attacker_accuracy", *, overwrite: bool = False
+    ) -> None:
+        """Attacker accuracy against ``x`` (e.g. the data fraction), key holder and chance as lines; written
+        atomically, an existing file replaced only with ``overwrite``."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -154,8 +158,11 @@ class AttackReport:
         ax.set_title(f"{self.attack}: {self.model}, {'+'.join(self.recipe)}", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        try:
+            with atomic_path(path, overwrite=overwrite) as tmp:
+                fig.savefig(tmp)
+        finally:
+            plt.close(fig)
 
 
 def make_report(target: Target, attack: str, rows: list[dict[str, Any]], started: float) -> AttackReport:
