@@ -29,7 +29,20 @@ from ..passport import Passports
 from ..runtime import predict_accuracy
 from ..transforms import KeyedTransform
 
-__all__ = ["AttackReport", "Target", "accuracy", "make_report"]
+__all__ = ["AttackReport", "Target", "accuracy", "check_counts", "make_report"]
+
+
+def check_counts(option: str, counts: int | list[int], available: int, what: str) -> None:
+    """The one rule for counts of images (or pairs) an attack draws from its data: a count above what the data
+    holds is refused in one line (:class:`~blockkey.errors.OptionError`), never silently lowered."""
+    from ..errors import OptionError
+
+    values = [counts] if isinstance(counts, int) else list(counts)
+    over = [n for n in values if n > available]
+    if over:
+        raise OptionError(
+            f"{option} {max(over)} is more than the {available} {what} the data holds; give at most {available}"
+        )
 
 
 @dataclass

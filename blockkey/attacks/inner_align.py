@@ -36,7 +36,7 @@ from ..functional import BlockPlan
 from ..inner import ChannelKey, inner_points
 from ..keys import KeySet
 from ..transforms import KeyedTransform
-from . import AttackReport, Target, accuracy, make_report
+from . import AttackReport, Target, accuracy, check_counts, make_report
 from .registry import AttackData, AttackSpec, option, register_attack
 
 __all__ = ["InnerAlignSettings", "align_inner", "inner_align_attack"]
@@ -262,6 +262,7 @@ def inner_align_attack(
     key = target.key
     if not isinstance(key, KeySet) or key.inner is None:
         raise KeyMismatchError("inner-align attacks a key with an inner part (recipe token 'inner')")
+    check_counts("--images", images, len(data), "attack-pool images")
     started = time.perf_counter()
     outer = KeySet(key.block_size, key.channels, key.steps) if key.steps else None
     true = inner_points(target.model, key.inner)
