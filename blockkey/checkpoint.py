@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 from torch import nn
 
 from .errors import BlockkeyError, CheckpointError
@@ -41,9 +41,21 @@ __all__ = [
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
 
 
+def _utf8(path: Path) -> bool:
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        if _utf8(tmp):
+            save_file(tensors, str(tmp), metadata=metadata)
+        else:  # safetensors opens UTF-8 names only
+            tmp.write_bytes(save(tensors, metadata=metadata))
 
 
 def _check_not_pickle(path: Path) -> None:
@@ -67,7 +79,9 @@ def read_meta(run_dir: str | os.PathLike[str]) -> RunMeta:
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     _check_not_pickle(path)
     try:
-        return load_file(str(path))
+        if _utf8(path):
+            return load_file(str(path))
+        return load(path.read_bytes())  # safetensors opens UTF-8 names only (Linux allows any bytes)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except (SafetensorError, OSError, ValueError) as e:

@@ -259,10 +259,10 @@ def inner_align_attack(
     Rows: the share of channels whose source and sign came out right over all points, and the stolen
     model's accuracy with the recovered inner key.
     """
+    check_counts("--images", images, len(data), "attack-pool images")
     key = target.key
     if not isinstance(key, KeySet) or key.inner is None:
         raise KeyMismatchError("inner-align attacks a key with an inner part (recipe token 'inner')")
-    check_counts("--images", images, len(data), "attack-pool images")
     started = time.perf_counter()
     outer = KeySet(key.block_size, key.channels, key.steps) if key.steps else None
     true = inner_points(target.model, key.inner)
