@@ -1178,7 +1178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _holds_run(out: Path) -> bool:
-    return (out / "meta.json").exists() or (out / "LATEST").exists()  # the command itself says what it does then
+    """A folder a run was written to: its metadata or state pointer (the command itself says what it does then),
+    or only what a run killed before its first state leaves (states, weights, dot-temporary files)."""
+    if (out / "meta.json").exists() or (out / "LATEST").exists():
+        return True
+    return all(p.name.startswith(("state-", ".")) or p.name == "model.safetensors" for p in out.iterdir())
 
 
 def _claim_outputs(args: argparse.Namespace) -> None:

@@ -188,6 +188,8 @@ def check_model_args(model: str, kwargs: Mapping[str, Any], source: str = "metad
     if factory is None:
         return
     params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # a factory that takes any argument (a wrapper): its callee checks them
     for name, value in kwargs.items():
         where = f"{source}: model_kwargs/{name}"
         if name in ("num_classes", "in_channels") or name not in params:
