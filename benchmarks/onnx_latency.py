@@ -1,8 +1,8 @@
 """Inference latency on CPU: onnxruntime (both export modes) beside PyTorch eager, in one run.
 
 For each model (randomly initialised: latency does not depend on the weights' values) a run
-directory is made with ``fit`` (one epoch on 64 random images), then timed at batch 1 and 64 on 32x32 uint8 images with a
-shuffle+negpos+ffx key (M=4), float32, the same thread count for both runtimes:
+directory is made with ``fit`` (one epoch on 64 random images), then timed at batch 1 and 64 on 32x32
+uint8 images with a shuffle+negpos+ffx key (M=4), float32, the same thread count for both runtimes:
 
 - PyTorch eager: ``Predictor.logits`` (key transform, normalisation, network; ``torch.inference_mode``);
 - onnxruntime, key in the graph: ``blockkey export --key`` (uint8 images in, two Gathers for the key);

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OptionError
+from .fileio import printable
 
 __all__ = [
     "BATCH_SIZE",
@@ -161,6 +162,7 @@ PEAK = Float(0, 1)
 FRACTION = Float(0, 1, lo_open=True)
 SECONDS = Float(0, 86400, lo_open=True)
 PREDICT_BATCH = Int(1, 65536)
+MAX_PIXELS = Int(1, 2**40, hi_text="2^40")  # blockkey --max-pixels (imageio's limit)
 OPSET = Int(18, 20, "the exporter (torch.onnx, dynamo) writes opsets 18 and newer")
 
 
@@ -253,7 +255,7 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:  # argparse's contract: does not return
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+        self.exit(2, printable(f"{self.prog}: error: {message}; see {self.prog} --help\n"))
 
 
 def check_train_layers(which: Any) -> str:

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -28,7 +27,9 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError
 from .fileio import write_json as write_json_atomic
+from .jsonio import read_json
 
 __all__ = [
     "PAPER_RECIPES",
@@ -152,7 +153,7 @@ class Results:
     def _read(self) -> tuple[dict[str, Any], dict[str, Any]]:
         if not self.path.exists():
             return {}, {}
-        doc = json.loads(self.path.read_text())
+        doc = read_json(self.path, CheckpointError, "results file")
         if isinstance(doc, dict) and doc.get("format") == RESULTS_FORMAT:
             return dict(doc.get("entries", {})), dict(doc.get("provenance", {}))
         return (doc, {}) if isinstance(doc, dict) else ({}, {})

@@ -9,7 +9,6 @@ replaced atomically, so a run killed at any moment resumes from a complete state
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -18,13 +17,14 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import BlockkeyError, CheckpointError
 from .fileio import atomic_path
 from .fileio import write_json as write_json_atomic
 from .inner import stored_state_dict
+from .jsonio import read_json
 from .meta import META_FORMAT, META_VERSION, RunMeta
 
 __all__ = [
@@ -42,9 +42,21 @@ __all__ = [
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
 
 
+def _utf8(path: Path) -> bool:
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        if _utf8(tmp):
+            save_file(tensors, str(tmp), metadata=metadata)
+        else:  # safetensors opens UTF-8 names only
+            tmp.write_bytes(save(tensors, metadata=metadata))
 
 
 def _check_not_pickle(path: Path) -> None:
@@ -58,20 +70,19 @@ def read_meta(run_dir: str | os.PathLike[str]) -> RunMeta:
     if not run.is_dir():
         raise CheckpointError(f"{run}: not a run directory (expected model.safetensors and meta.json inside)")
     path = run / "meta.json"
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.exists():
         hint = " (training did not finish: resume it with --resume)" if (run / "LATEST").exists() else ""
-        raise CheckpointError(f"{run}: no meta.json{hint}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt metadata ({e})") from None
+        raise CheckpointError(f"{run}: no meta.json{hint}")
+    doc = read_json(path, CheckpointError, "metadata")
     return RunMeta.from_json(doc, str(path))
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     _check_not_pickle(path)
     try:
-        return load_file(str(path))
+        if _utf8(path):
+            return load_file(str(path))
+        return load(path.read_bytes())  # safetensors opens UTF-8 names only (Linux allows any bytes)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except (SafetensorError, OSError, ValueError) as e:
@@ -84,7 +95,13 @@ def load_model(run_dir: str | os.PathLike[str], device: torch.device | str = "cp
 
     meta = read_meta(run_dir)
     kwargs = {k: v for k, v in meta.model_kwargs.items() if k != "pretrained"}  # the weights come from the run
-    model = create_model(meta.model, meta.num_classes, meta.image_shape[0], **kwargs)
+    try:  # RunMeta checked the arguments of registered models; tv_/timm_ builders check their own
+        model = create_model(meta.model, meta.num_classes, meta.image_shape[0], **kwargs)
+    except BlockkeyError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{run_dir}: cannot build model {meta.model!r} from its metadata ({first})") from None
     state = load_weights(Path(run_dir) / "model.safetensors")
     try:
         model.load_state_dict(state)

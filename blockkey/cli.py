@@ -23,8 +23,16 @@ import torch
 from . import __version__
 from . import argtypes as at
 from .errors import BlockkeyError, ImageFileError, KeyMismatchError
-from .fileio import atomic_path
-from .imageio import check_output_suffix, read_codes, read_image, sample_image, write_png
+from .fileio import atomic_path, claim_folder, printable, refuse_existing
+from .imageio import (
+    MAX_IMAGE_PIXELS,
+    check_output_suffix,
+    read_codes,
+    read_image,
+    sample_image,
+    set_max_image_pixels,
+    write_png,
+)
 from .keys import RECOMMENDED_RECIPE, KeySet, parse_recipe, refuse_foreign_key
 from .meta import RunMeta
 from .runtime import AMP_MODES
@@ -38,8 +46,13 @@ EXIT_USER_ERROR = 2
 TOUR_NOTE = "blockkey tour demo key (made by `blockkey tour`; not for real use)"
 
 
+def _say(text: str, file: Any = None) -> None:
+    """Print ``text`` with undecodable file-name bytes shown as ``\\xNN`` (:func:`blockkey.fileio.printable`)."""
+    print(printable(text), file=file if file is not None else sys.stdout)
+
+
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
-    print(json.dumps(payload, indent=1) if getattr(args, "json", False) else text)
+    _say(json.dumps(payload, indent=1) if getattr(args, "json", False) else text)
 
 
 def _key_report(key: KeySet, path: str | None = None) -> dict[str, Any]:
@@ -191,9 +204,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         grid = step_grid(key, image)
     except BlockkeyError as e:
         raise _with_file(Path(args.image), e) from None
-    if Path(args.output).exists() and not args.force:
-        raise ImageFileError(f"{args.output} exists; refusing to overwrite (use --force)")
-    grid.save(args.output)
+    refuse_existing(args.output, args.force)
+    with atomic_path(args.output, overwrite=args.force) as tmp:
+        grid.save(tmp)
     _emit(args, {"written": args.output, "fingerprint": key.fingerprint}, f"wrote {args.output}")
     return 0
 
@@ -211,10 +224,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         wrong_keys=args.wrong_keys,
         limit=args.limit,
         device=args.device,
-        log=(lambda s: print(s, file=sys.stderr)) if quiet else print,
+        log=(lambda s: _say(s, sys.stderr)) if quiet else _say,
     )
     if quiet:
-        print(json.dumps(res, indent=1))
+        _say(json.dumps(res, indent=1))
     return 0
 
 
@@ -226,8 +239,7 @@ def cmd_tour(args: argparse.Namespace) -> int:
         )
     out = Path(args.output)
     key_path = out / "key.json"
-    refuse_foreign_key(key_path, TOUR_NOTE)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, args.force, ours=_tour_folder)
     key = KeySet.generate(args.transforms, args.block_size).with_note(TOUR_NOTE)
     key.save(key_path, overwrite=True)
     image = sample_image()
@@ -277,6 +289,15 @@ def cmd_tour(args: argparse.Namespace) -> int:
     )
     _emit(args, payload, text)
     return 0 if exact else 1
+
+
+def _tour_folder(out: Path) -> bool:
+    """A folder an earlier tour made: it holds the tour's own demo key (a real key is never replaced)."""
+    try:
+        refuse_foreign_key(out / "key.json", TOUR_NOTE)
+    except BlockkeyError:
+        return False
+    return (out / "key.json").exists()
 
 
 def _load_data(spec: str, *, train: bool, root: str | None, stream: int | None = None, workers: int = 2) -> Any:
@@ -353,7 +374,7 @@ def _write_card(args: argparse.Namespace, val: Any, key: KeySet | None, passport
         device = None if args.device == "auto" else args.device
         meta = evaluate_for_card(args.output, val, key, passports, device=device)
     write_model_card(args.output, meta)
-    print(f"wrote the model card {Path(args.output) / 'README.md'}", file=sys.stderr)
+    _say(f"wrote the model card {Path(args.output) / 'README.md'}", sys.stderr)
     return meta
 
 
@@ -373,10 +394,7 @@ def _passports_for(args: argparse.Namespace, train: Any, model_kwargs: dict[str,
         return Passports.load(path), model_kwargs
     passports = Passports.generate(create_model(args.model, len(train.classes), c, **model_kwargs))
     passports.save(path)
-    print(
-        f"wrote new passports {path} (mode 0600, fingerprint {passports.fingerprint}): keep them secret",
-        file=sys.stderr,
-    )
+    _say(f"wrote new passports {path} (mode 0600, fingerprint {passports.fingerprint}): keep them secret", sys.stderr)
     return passports, model_kwargs
 
 
@@ -406,7 +424,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     if args.plot:
         check_output_suffix(args.plot)
-        report.plot(args.plot)
+        report.plot(args.plot, overwrite=args.force)
     views = "" if report.tta == "off" else f" (test-time augmentation: {report.tta})"
     head = f"{args.model} on {report.images} images of {spec}{views}"
     if report.key_matches is False:
@@ -515,7 +533,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             raise BlockkeyError(f"--plot: {spec.name} has one row; nothing to plot")
     report = spec.run(target, AttackData(train, run_dir=Path(args.model)), settings_from_args(spec, args))
     if args.plot:
-        report.plot(args.plot, spec.x_axis)
+        report.plot(args.plot, spec.x_axis, overwrite=args.force)
     _emit(args, report.to_json(), report.to_markdown() + (f"\n\nplot: {args.plot}" if args.plot else ""))
     return 0
 
@@ -528,8 +546,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1 or args.batch_size < 1:
         raise BlockkeyError(f"--top-k and --batch-size take positive counts; got {args.top_k}, {args.batch_size}")
-    if args.csv and Path(args.csv).exists() and not args.force:
-        raise BlockkeyError(f"{args.csv} exists; refusing to overwrite (use --force)")
+    if args.csv:
+        refuse_existing(args.csv, args.force)
     predictor = Predictor(
         args.model, args.key, passports=args.passport, device=args.device, batch_size=args.batch_size, tta=args.tta
     )
@@ -541,25 +559,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path, res in predictor.predict_files(paths, args.top_k):
         if isinstance(res, BlockkeyError):
             failed += 1
-            print(f"blockkey: error: {res}", file=sys.stderr)
+            _say(f"blockkey: error: {res}", sys.stderr)
             rows.append({"path": path, "error": str(res)})
             continue
         rows.append(res.to_json())
         if not args.json:
-            print(f"{path}\t" + "  ".join(f"{c} {p:.3f}" for c, p in zip(res.classes, res.probs, strict=True)))
+            _say(f"{path}\t" + "  ".join(f"{c} {p:.3f}" for c, p in zip(res.classes, res.probs, strict=True)))
     if args.json:
-        print(json.dumps({"model": args.model, "tta": args.tta, "predictions": rows, "failed": failed}, indent=1))
+        _say(json.dumps({"model": args.model, "tta": args.tta, "predictions": rows, "failed": failed}, indent=1))
     if args.csv:
         k = min(args.top_k, len(predictor.classes))
         header = ["path"] + [f"{w}_{i + 1}" for i in range(k) for w in ("class", "prob")] + ["error"]
-        with open(args.csv, "w", newline="", encoding="utf-8") as f:
+        with atomic_path(args.csv, overwrite=args.force) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(header)
             for r in rows:
                 top = [v for t in r.get("top", []) for v in (t["class"], t["prob"])]
                 w.writerow([r["path"], *top, *[""] * (2 * k - len(top)), r.get("error", "")])
     if failed:
-        print(f"blockkey: error: {failed} of {len(paths)} files could not be classified", file=sys.stderr)
+        _say(f"blockkey: error: {failed} of {len(paths)} files could not be classified", sys.stderr)
         return EXIT_USER_ERROR
     return 0
 
@@ -571,11 +589,10 @@ def _encrypt_npy(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix.lower() != ".npy":
         raise BlockkeyError(f"--npy writes one array: name the output *.npy (got {out})")
-    if out.exists() and not args.force:
-        raise BlockkeyError(f"{out} exists; refusing to overwrite (use --force)")
+    refuse_existing(out, args.force)
     size = _parse_size(args.size) if args.size else None
     arr = keyed_input([Path(p) for p in args.inputs], KeySet.load(args.key), size)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, overwrite=args.force) as tmp:
         np.save(tmp, arr)
     dims = " x ".join(map(str, arr.shape))
     text = f"wrote {out}: float32 {dims} (the input 'keyed' of an ONNX export without the key)"
@@ -629,6 +646,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Protect image classifiers with a secret key: block-wise keyed transforms.",
     )
     p.add_argument("--version", action="version", version=f"blockkey {__version__}")
+    p.add_argument(
+        "--max-pixels",
+        type=at.MAX_PIXELS,
+        metavar="N",
+        help=f"decode images of up to N pixels (default {MAX_IMAGE_PIXELS}, or BLOCKKEY_MAX_PIXELS)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         _add_demo,
@@ -701,6 +724,7 @@ def _add_tour(sub: Any) -> None:
         help="folder for the tour's files (default %(default)s)",
     )
     sp.add_argument("--transforms", default=RECOMMENDED_RECIPE, help="recipe (default %(default)s)")
+    sp.add_argument("--force", action="store_true", help="write into a non-empty folder an earlier tour did not make")
     sp.add_argument(
         "--block-size", type=at.BLOCK_SIZE, default=4, help="block size M, dividing 32 (default %(default)s)"
     )
@@ -950,6 +974,7 @@ def _train_output_options(sp: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = sp.add_argument_group("output")
     g.add_argument("-o", "--output", type=at.output_path, required=True, metavar="RUN_DIR", help="run directory")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTPUT")
+    g.add_argument("--force", action="store_true", help="train into a non-empty folder that holds no run")
 
 
 def _add_evaluate(sub: Any) -> None:
@@ -984,6 +1009,7 @@ def _add_evaluate(sub: Any) -> None:
     sp.add_argument("--sample", type=at.COUNT, help="evaluate a stratified random sample of N images")
     _tta_option(sp)
     sp.add_argument("--plot", type=at.output_path, help="write a PNG bar plot here")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
     sp.add_argument(
         "--stream", type=at.IMAGE_SIZE, metavar="SIZE", help="decode per batch at SIZE x SIZE (default: as trained)"
     )
@@ -1015,6 +1041,7 @@ def _add_attack(sub: Any) -> None:
     common.add_argument("--data-root", type=at.output_path, help="where torchvision datasets live / are downloaded")
     common.add_argument("--sample", type=at.COUNT, help="evaluate on a stratified sample of N validation images")
     common.add_argument("--plot", type=at.output_path, help="write a PNG plot of attacker accuracy here")
+    common.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
     common.add_argument("--device", type=at.device, default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     common.add_argument("--json", action="store_true", help="print a JSON report instead of text")
     from .attacks.registry import add_attack_parsers
@@ -1029,6 +1056,7 @@ def _add_harden(sub: Any) -> None:
     sp.add_argument("--model", type=at.path_name, required=True, metavar="RUN_DIR", help="a keyed run directory")
     sp.add_argument("--key", type=at.existing_file, required=True, help="the model's key file")
     sp.add_argument("-o", "--output", type=at.output_path, required=True, metavar="RUN_DIR2", help="new run directory")
+    sp.add_argument("--force", action="store_true", help="write into a non-empty folder that holds no run")
     sp.add_argument("--data", type=at.data_source, help="the run's data source (default: as recorded)")
     sp.add_argument("--data-root", type=at.output_path, help="where torchvision datasets live / are downloaded")
     sp.add_argument("--alpha", type=at.NON_NEGATIVE, default=2.0, help="weight of the thief's loss (default 2)")
@@ -1136,11 +1164,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help / --version (0) or a usage error (2, one line already printed)
         return int(e.code or 0)
     try:
+        if args.max_pixels is not None:
+            set_max_image_pixels(args.max_pixels)
+        _claim_outputs(args)
         return int(args.func(args))
     except (BlockkeyError, OSError) as e:
         msg = str(e) if isinstance(e, BlockkeyError) else f"{getattr(e, 'filename', '') or ''} {e.strerror or e}"
-        print(f"blockkey: error: {msg.strip()}", file=sys.stderr)
+        _say(f"blockkey: error: {msg.strip()}", sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        if args.max_pixels is not None:
+            set_max_image_pixels(None)
+
+
+def _holds_run(out: Path) -> bool:
+    """A folder a run was written to: its metadata or state pointer (the command itself says what it does then),
+    or only what a run killed before its first state leaves (states, weights, dot-temporary files)."""
+    if (out / "meta.json").exists() or (out / "LATEST").exists():
+        return True
+    return all(p.name.startswith(("state-", ".")) or p.name == "model.safetensors" for p in out.iterdir())
+
+
+def _claim_outputs(args: argparse.Namespace) -> None:
+    """The refusal rule (:func:`blockkey.fileio.refuse_existing`, :func:`~blockkey.fileio.claim_folder`) for
+    every file a command writes, checked before any work: an existing file, or a non-empty folder the command
+    did not make, is refused without --force. (Key files, images, exports and new run folders of convert and
+    rekey are refused where they are written, by the same rule.)"""
+    force = bool(getattr(args, "force", False))
+    for name in ("plot", "csv"):
+        if getattr(args, name, None):
+            refuse_existing(getattr(args, name), force)
+    if args.command in ("train", "harden") and not getattr(args, "resume", False):
+        claim_folder(args.output, force, ours=_holds_run, create=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

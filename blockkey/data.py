@@ -140,11 +140,11 @@ class _FolderDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        from PIL import Image
+        from .imageio import open_image
 
         path, label = self.samples[i]
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 return self.tf(im.convert("RGB")), label
         except OSError as e:
             raise DataError(f"{path}: cannot decode image ({e})") from None
@@ -186,11 +186,11 @@ def default_cache_dir() -> Path:
 
 
 def _decode(paths: Sequence[str]) -> np.ndarray:
-    from PIL import Image
+    from .imageio import open_image
 
     out = []
     for p in paths:
-        with Image.open(p) as im:
+        with open_image(p) as im:
             out.append(np.asarray(im.convert("RGB")))
     return np.stack(out)
 

@@ -9,6 +9,7 @@ __all__ = [
     "KeyFileError",
     "KeyMismatchError",
     "OptionError",
+    "OutputExistsError",
     "ShapeError",
 ]
 
@@ -39,3 +40,7 @@ class CheckpointError(BlockkeyError, ValueError):
 
 class OptionError(BlockkeyError, ValueError):
     """An option or argument outside its allowed range (a count below 1, a probability above 1, NaN)."""
+
+
+class OutputExistsError(BlockkeyError, FileExistsError):
+    """An output file that exists, or a non-empty folder blockkey did not make, and no ``--force``."""

@@ -14,6 +14,7 @@ from torch import nn
 from . import argtypes as at
 from .checkpoint import CheckpointError, RunMeta, load_model
 from .data import Data, DataError, ImageFolderStream, ImageTensors, make_loader
+from .fileio import atomic_path
 from .inner import use_inner_key
 from .keys import KeySet
 from .passport import PassportError, Passports, signature_match
@@ -67,7 +68,8 @@ class EvalReport:
             lines.append(line)
         return "\n".join(lines)
 
-    def plot(self, path: str | os.PathLike[str]) -> None:
+    def plot(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """A PNG bar plot of the rows at ``path``, written atomically; an existing file only with ``overwrite``."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -88,8 +90,11 @@ class EvalReport:
         for i, a in enumerate(acc):
             ax.text(i, a + 1.5, f"{a:.1f}", ha="center", fontsize=8)
         fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        try:
+            with atomic_path(path, overwrite=overwrite) as tmp:
+                fig.savefig(tmp)
+        finally:
+            plt.close(fig)
 
 
 def align_classes(data: Data, model_classes: Sequence[str]) -> Data:

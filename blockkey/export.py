@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ._optional import require
 from .checkpoint import read_meta
 from .errors import BlockkeyError, ShapeError
-from .fileio import write_bytes
+from .fileio import refuse_existing, write_bytes
 from .functional import Plan, compile_plan
 from .keys import KeySet
 from .passport import Passports
@@ -179,8 +179,7 @@ def _export(module: nn.Module, example: Tensor, input_name: str, opset: int, wha
 def _write(proto: Any, path: Path, secret: bool, force: bool) -> None:
     import onnx
 
-    if path.exists() and not force:
-        raise BlockkeyError(f"{path} exists; refusing to overwrite (use --force)")
+    refuse_existing(path, force)
     write_bytes(path, onnx.ModelProto.SerializeToString(proto), private=secret)
 
 
@@ -216,8 +215,7 @@ def export_onnx(
     path = Path(output)
     if path.suffix.lower() != ".onnx":
         raise BlockkeyError(f"name the output *.onnx (got {path})")
-    if path.exists() and not force:
-        raise BlockkeyError(f"{path} exists; refusing to overwrite (use --force)")
+    refuse_existing(path, force)
     key = KeySet.load(key) if isinstance(key, (str, os.PathLike)) else key
     passports = Passports.load(passports) if isinstance(passports, (str, os.PathLike)) else passports
     meta = read_meta(run_dir)

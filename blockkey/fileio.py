@@ -13,12 +13,24 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_bytes", "write_json", "write_text"]
+from .errors import OutputExistsError
+
+__all__ = [
+    "atomic_path",
+    "claim_folder",
+    "exists_error",
+    "printable",
+    "refuse_existing",
+    "show_path",
+    "write_bytes",
+    "write_json",
+    "write_text",
+]
 
 
 def _fsync(path: Path) -> None:
@@ -36,10 +48,9 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
     try:
         os.link(tmp, path)  # atomic, and fails if the file appeared meanwhile
     except FileExistsError:
-        raise FileExistsError(f"{path} exists; refusing to overwrite it (use --force)") from None
+        raise exists_error(path) from None
     except OSError:  # a filesystem without hard links
-        if path.exists():
-            raise FileExistsError(f"{path} exists; refusing to overwrite it (use --force)") from None
+        refuse_existing(path)
         os.replace(tmp, path)
 
 
@@ -84,3 +95,55 @@ def write_text(path: str | os.PathLike[str], text: str, *, private: bool = False
 def write_json(path: str | os.PathLike[str], doc: Any, *, private: bool = False, overwrite: bool = True) -> Path:
     """Write ``doc`` as indented JSON (one space, final newline) to ``path`` atomically."""
     return write_text(path, json.dumps(doc, indent=1) + "\n", private=private, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------------------------
+# showing paths, and the one refusal rule for what blockkey writes
+# --------------------------------------------------------------------------------------------
+
+
+def show_path(path: str | os.PathLike[str] | bytes) -> str:
+    """``path`` for people: bytes that are not UTF-8 (Linux allows them in names) as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def printable(text: str) -> str:
+    """``text`` with undecodable file-name bytes (surrogate escapes, as ``os.fsdecode`` makes them) shown as
+    ``\\xNN``, so that it can be printed on any UTF-8 terminal (a path in a message, a message in a log)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if _odd(text) else text
+
+
+def _odd(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def exists_error(path: str | os.PathLike[str]) -> OutputExistsError:
+    """The one message for an output that exists: ``P exists; refusing to overwrite it (use --force)``."""
+    return OutputExistsError(f"{show_path(path)} exists; refusing to overwrite it (use --force)")
+
+
+def refuse_existing(path: str | os.PathLike[str], force: bool = False) -> None:
+    """The refusal rule for one output file: an existing ``path`` is refused unless ``force``."""
+    if not force and os.path.lexists(path):
+        raise exists_error(path)
+
+
+def claim_folder(
+    path: str | os.PathLike[str],
+    force: bool = False,
+    ours: Callable[[Path], bool] | None = None,
+    *,
+    create: bool = True,
+) -> Path:
+    """The refusal rule for an output folder: a file, or a non-empty folder that ``ours`` does not recognise
+    as made by this command, is refused unless ``force``. Creates the folder (unless ``create`` is off)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{show_path(path)} exists and is not a folder")
+    if not force and path.is_dir() and any(path.iterdir()) and not (ours is not None and ours(path)):
+        raise OutputExistsError(
+            f"{show_path(path)} is not empty and was not made by this command; refusing to write into it (use --force)"
+        )
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -9,9 +9,13 @@ Lossy output formats are refused: they would destroy a ciphertext.
 from __future__ import annotations
 
 import os
+import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import png
@@ -20,9 +24,75 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import ImageFileError
-from .fileio import atomic_path
+from .fileio import atomic_path, refuse_existing, show_path
 
-__all__ = ["LOSSLESS_SUFFIXES", "check_output_suffix", "read_codes", "read_image", "sample_image", "write_png"]
+__all__ = [
+    "LOSSLESS_SUFFIXES",
+    "MAX_IMAGE_PIXELS",
+    "check_output_suffix",
+    "check_pixels",
+    "max_image_pixels",
+    "open_image",
+    "read_codes",
+    "read_image",
+    "sample_image",
+    "set_max_image_pixels",
+    "write_png",
+]
+
+#: Largest image (width x height) blockkey decodes: 8192 x 8192. Raise it with ``blockkey --max-pixels N``,
+#: the environment variable ``BLOCKKEY_MAX_PIXELS`` or :func:`set_max_image_pixels`; docs/reliability.md.
+MAX_IMAGE_PIXELS = 8192 * 8192
+_max_pixels: int | None = None
+
+
+def max_image_pixels() -> int:
+    """The pixel limit in force: :func:`set_max_image_pixels`, else ``BLOCKKEY_MAX_PIXELS``, else the default."""
+    if _max_pixels is not None:
+        return _max_pixels
+    env = os.environ.get("BLOCKKEY_MAX_PIXELS", "").strip()
+    if env:
+        if not (env.isascii() and env.isdigit() and 0 < len(env) <= 18 and int(env) > 0):
+            raise ImageFileError(f"BLOCKKEY_MAX_PIXELS must be a positive integer of pixels; got {env[:40]!r}")
+        return int(env)
+    return MAX_IMAGE_PIXELS
+
+
+def set_max_image_pixels(pixels: int | None) -> None:
+    """Decode images of up to ``pixels`` pixels (``None``: back to the environment or the default)."""
+    global _max_pixels
+    if pixels is not None and (isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 1):
+        raise ImageFileError(f"the pixel limit must be a positive integer; got {pixels!r}")
+    _max_pixels = pixels
+    if pixels is not None and Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = pixels  # Pillow's own bomb check must not undercut the limit asked for
+
+
+def check_pixels(width: int, height: int, source: str) -> None:
+    """Refuse an image above the pixel limit, in one line, before it is decoded."""
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise ImageFileError(
+            f"{source}: {width}x{height} = {width * height} pixels is above blockkey's limit of {limit} "
+            "(raise it with blockkey --max-pixels N or BLOCKKEY_MAX_PIXELS)"
+        )
+
+
+@contextmanager
+def open_image(file: str | os.PathLike[str] | IO[bytes], source: str | None = None) -> Iterator[Image.Image]:
+    """``PIL.Image.open`` under blockkey's pixel limit: one :class:`ImageFileError` line above it, and
+    Pillow's own decompression-bomb warning never printed (the limit is ours)."""
+    name = source if source is not None else show_path(file) if isinstance(file, (str, os.PathLike)) else "image"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(file)
+        except Image.DecompressionBombError:
+            raise ImageFileError(f"{name}: image too large (above Pillow's limit; see blockkey --max-pixels)") from None
+        with im:
+            check_pixels(*im.size, name)
+            yield im
+
 
 LOSSLESS_SUFFIXES = (".png",)
 _LOSSY = {".jpg", ".jpeg", ".jfif", ".webp", ".heic", ".heif", ".avif", ".gif", ".jp2"}
@@ -46,7 +116,7 @@ def _to_chw(arr: np.ndarray) -> Tensor:
 def read_image(path: str | os.PathLike[str]) -> Tensor:
     """An 8-bit image file -> uint8 tensor ``(C, H, W)``; C is 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA)."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             if im.format == "PNG" and _png_bit_depth(path) == 16:
                 raise ImageFileError(
                     f"{path}: 16-bit PNG; blockkey encrypts 8-bit pixels (a 16-bit PNG may be a ciphertext: decrypt it)"
@@ -62,8 +132,6 @@ def read_image(path: str | os.PathLike[str]) -> Tensor:
         raise ImageFileError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageFileError(f"{path}: is a directory, not an image") from None
-    except Image.DecompressionBombError as e:
-        raise ImageFileError(f"{path}: image too large ({e})") from None
     except ImageFileError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, zlib.error) as e:
@@ -81,7 +149,10 @@ def read_codes(path: str | os.PathLike[str]) -> Tensor:
     """A ciphertext PNG (8- or 16-bit) -> integer tensor ``(C, H, W)`` (uint8 or int16), exact."""
     try:
         with open(path, "rb") as f:
-            width, height, rows, info = png.Reader(file=f).asDirect()
+            reader = png.Reader(file=f)
+            reader.preamble()
+            check_pixels(reader.width, reader.height, show_path(path))
+            width, height, rows, info = reader.asDirect()
             arr = np.vstack([np.asarray(r) for r in rows])
     except FileNotFoundError:
         raise ImageFileError(f"{path}: no such file") from None
@@ -105,8 +176,7 @@ def write_png(path: str | os.PathLike[str], x: Tensor, *, overwrite: bool = Fals
         raise ImageFileError(f"{path}: expected a (C, H, W) image with C in 1..4; got shape {tuple(x.shape)}")
     if x.is_floating_point():
         raise ImageFileError(f"{path}: write_png takes integer pixels or codes; got {x.dtype}")
-    if path.exists() and not overwrite:
-        raise ImageFileError(f"{path} exists; refusing to overwrite (use --force)")
+    refuse_existing(path, overwrite)
     arr = x.detach().cpu().to(torch.int32).numpy().transpose(1, 2, 0)
     lo, hi = int(arr.min(initial=0)), int(arr.max(initial=0))
     if lo < 0 or hi > 65535:

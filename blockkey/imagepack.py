@@ -29,6 +29,7 @@ import torch
 
 from .data import DataError, ImageTensors, _list_image_folder
 from .fileio import atomic_path
+from .jsonio import loads
 
 __all__ = ["decode_images", "load_image_pack", "pack_image_folder"]
 
@@ -36,11 +37,11 @@ PACK_FORMAT = "blockkey-image-pack"
 
 
 def _decode(blobs: Sequence[bytes]) -> np.ndarray:
-    from PIL import Image
+    from .imageio import open_image
 
     out = []
     for b in blobs:
-        with Image.open(io.BytesIO(b)) as im:
+        with open_image(io.BytesIO(b), "an image of the pack") as im:
             out.append(np.asarray(im.convert("RGB")))
     return np.stack(out)
 
@@ -146,4 +147,7 @@ def load_image_pack(path: str | os.PathLike[str], workers: int | None = None) ->
         raise DataError(f"{path}: the rebuilt files do not match the packed checksum (damaged pack?)")
     images = decode_images(blobs, workers).transpose(0, 3, 1, 2).copy()
     labels = torch.from_numpy(doc["labels"].astype(np.int64))
-    return ImageTensors(torch.from_numpy(images), labels, tuple(json.loads(str(doc["classes"]))))
+    classes = loads(str(doc["classes"]), f"{path}: the image pack's class names", DataError)
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{path}: the image pack's class names are not a list of names")
+    return ImageTensors(torch.from_numpy(images), labels, tuple(classes))

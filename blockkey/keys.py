@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import KeyFileError
-from .fileio import write_json
+from .fileio import refuse_existing, show_path, write_json
+from .jsonio import check_schema, read_json
 from .steps import ALIASES, FFX, STEP_TYPES, TOKENS, KeyStep, NegPos, Random, Shuffle, ffx_table, password_bits
 from .steps._base import random_perm
 
@@ -55,6 +56,21 @@ LAYOUT = "row,col,channel"
 MAX_BLOCK_LEN = 65536
 #: scrypt cost parameters for :meth:`KeySet.derive` (about 32 MiB and 0.1 s per derivation).
 SCRYPT_PARAMS = {"n": 2**15, "r": 8, "p": 1}
+#: The fields of a key file and their types (JSON Schema); each step's own fields are checked by its type.
+KEY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "format": {"type": "string"},
+        "version": {"type": "integer"},
+        "layout": {"type": "string"},
+        "block_size": {"type": "integer"},
+        "channels": {"type": "integer"},
+        "fingerprint": {"type": "string"},
+        "steps": {"type": "array", "items": {"type": "object", "required": ["type"]}},
+        "inner": {"type": "object"},
+        "meta": {"type": "object"},
+    },
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,12 +378,8 @@ class KeySet:
         ``overwrite`` an existing file is never replaced (``FileExistsError``).
         """
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; refusing to overwrite a key file (use --force)")
-        try:
-            return write_json(path, self.to_json(), private=True, overwrite=overwrite)
-        except FileExistsError:  # appeared meanwhile
-            raise FileExistsError(f"{path} exists; refusing to overwrite a key file (use --force)") from None
+        refuse_existing(path, overwrite)
+        return write_json(path, self.to_json(), private=True, overwrite=overwrite)  # refuses one made meanwhile
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KeySet:
@@ -422,19 +434,12 @@ def _parse_key_doc(doc: Any) -> tuple[Any, Any, tuple[Step, ...], dict[str, Any]
 
 
 def _read_key_json(path: Path) -> Any:
-    """The JSON of a key file; :class:`KeyFileError` with one line if it cannot be read or parsed."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise KeyFileError(f"key file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise KeyFileError(f"cannot read key file {path}: {e}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise KeyFileError(f"key file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    except RecursionError:
-        raise KeyFileError(f"key file {path} is not a key file (JSON nested too deeply)") from None
+    """The JSON of a key file (:func:`blockkey.jsonio.read_json`: size, depth and integer limits), its header
+    fields' types checked; :class:`KeyFileError` with one line otherwise."""
+    doc = read_json(path, KeyFileError, "key file")
+    if isinstance(doc, dict):  # anything else: not a key file (from_json says so)
+        check_schema(doc, KEY_SCHEMA, show_path(path), KeyFileError)
+    return doc
 
 
 def _block_len(block_size: int, channels: int) -> int:

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from .data import Normalize
-from .errors import CheckpointError
+from .errors import BlockkeyError, CheckpointError
+from .jsonio import check_schema
 from .runtime import resolve_amp
 
 if TYPE_CHECKING:
     from .keys import KeySet
 
-__all__ = ["META_FORMAT", "META_VERSION", "KeyInfo", "RunMeta", "key_info"]
+__all__ = ["META_FORMAT", "META_SCHEMA", "META_VERSION", "KeyInfo", "RunMeta", "check_model_args", "key_info"]
 
 META_FORMAT = "blockkey.model"
 META_VERSION = 1
@@ -73,6 +74,146 @@ def key_info(key: KeySet | None) -> dict[str, Any] | None:
     """What a run stores about ``key`` (its :class:`KeyInfo` as JSON), ``None`` without a key."""
     info = KeyInfo.from_key(key)
     return info.to_json() if info is not None else None
+
+
+_INT = {"type": "integer"}
+_POS = {"type": "integer", "minimum": 1}
+_NAT = {"type": "integer", "minimum": 0}
+_NUM = {"type": "number"}
+_STR = {"type": "string"}
+_NAME = {"type": "string", "minLength": 1}
+_OBJ = {"type": "object"}
+_NULL = {"type": "null"}
+
+
+def _opt(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, _NULL]}
+
+
+#: What ``meta.json`` may hold, field by field (JSON Schema, draft 2020-12); unknown fields are kept as they are.
+META_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["format", "version", "model", "classes", "image_shape"],
+    "properties": {
+        "model": _NAME,
+        "model_kwargs": _opt(_OBJ),
+        "classes": {"type": "array", "items": _STR, "minItems": 1, "maxItems": 1_000_000},
+        "image_shape": {"type": "array", "items": {**_POS, "maximum": 65536}, "minItems": 3, "maxItems": 3},
+        "key": _opt(
+            {
+                "type": "object",
+                "required": ["fingerprint", "recipe", "block_size", "channels"],
+                "properties": {
+                    "fingerprint": _NAME,
+                    "recipe": {"type": "array", "items": _NAME},
+                    "spec": _opt({"type": "array", "items": _NAME}),
+                    "block_size": {**_POS, "maximum": 65536},
+                    "channels": {**_POS, "maximum": 65536},
+                },
+            }
+        ),
+        "passport": _opt(
+            {
+                "type": "object",
+                "required": ["fingerprint"],
+                "properties": {
+                    "fingerprint": _NAME,
+                    "layers": {"type": "array", "items": _STR},
+                    "signature_bits": _NAT,
+                },
+            }
+        ),
+        "normalize": _opt(
+            {
+                "type": "object",
+                "required": ["mean", "std", "mode"],
+                "properties": {
+                    "mean": {"type": "array", "items": _NUM, "minItems": 1},
+                    "std": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 1},
+                    "mode": _NAME,
+                    "block_size": _opt(_POS),
+                },
+            }
+        ),
+        "config": _opt(
+            {
+                "type": "object",
+                "properties": {
+                    "amp": _STR,
+                    "channels_last": {"type": "boolean"},
+                    "norm": _STR,
+                    "label_smoothing": {"type": "number", "minimum": 0, "maximum": 1},
+                },
+            }
+        ),
+        "data": _opt(
+            {
+                "type": "object",
+                "properties": {
+                    "source": _opt(_STR),
+                    "val_fraction": _opt({"type": "number", "minimum": 0, "maximum": 1}),
+                    "split_seed": _opt({**_NAT, "maximum": 2**63 - 1}),
+                    "limit": _opt(_POS),
+                    "stream_image_size": _opt({**_POS, "maximum": 4096}),
+                },
+            }
+        ),
+        "world_size": _opt(_POS),
+        "versions": _opt({"type": "object", "additionalProperties": _STR}),
+        "epochs_done": _opt(_NAT),
+        "history": _opt({"type": "array", "items": _OBJ}),
+        "metrics": _opt(_OBJ),
+        "conversions": _opt({"type": "array", "items": _OBJ}),
+        "evaluation": _opt(_OBJ),
+    },
+}
+
+# model arguments: their ranges where the name says what they are; other numbers are sizes up to _MAX_SIZE
+_MAX_SIZE = 4096
+
+
+def check_model_args(model: str, kwargs: Mapping[str, Any], source: str = "metadata") -> None:
+    """Check ``kwargs`` against the signature of registered model ``model`` before it is built: every name one
+    the model takes, every value of the type of its default and in range. :class:`CheckpointError` otherwise.
+    (``tv_``/``timm_`` models take their library's arguments: only their names and plain values are checked.)"""
+    import inspect
+
+    from . import argtypes as at
+    from .models import _REGISTRY  # the factories themselves: their signatures are the models' arguments
+
+    for name, value in kwargs.items():
+        if not isinstance(value, (bool, int, float, str, list, type(None))):
+            raise CheckpointError(f"{source}: model argument {name} must be a number, text or list; got {value!r}")
+    factory = _REGISTRY.get(model)
+    if factory is None:
+        return
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # a factory that takes any argument (a wrapper): its callee checks them
+    for name, value in kwargs.items():
+        where = f"{source}: model_kwargs/{name}"
+        if name in ("num_classes", "in_channels") or name not in params:
+            takes = ", ".join(p for p in params if p not in ("num_classes", "in_channels"))
+            raise CheckpointError(f"{where}: {model} takes no argument {name!r} (it takes {takes})")
+        default = params[name].default
+        try:
+            if name == "width":
+                at.WIDTH.check(name, value)
+            elif name in ("patch", "image_size"):
+                (at.BLOCK_SIZE if name == "patch" else at.IMAGE_SIZE).check(name, value)
+            elif isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise BlockkeyError(f"must be true or false; got {value!r}")
+            elif isinstance(default, int) or (default is None and value is not None):
+                at.Int(1, _MAX_SIZE).check(name, value)
+            elif isinstance(default, float):
+                at.Float(0, _MAX_SIZE, lo_open=True).check(name, value)
+            elif isinstance(default, (tuple, list)):
+                if not isinstance(value, list) or not 1 <= len(value) <= 16:
+                    raise BlockkeyError(f"must be a list of 1 to 16 sizes; got {value!r}")
+                at.Int(1, _MAX_SIZE).check_each(name, value)
+        except BlockkeyError as e:
+            raise CheckpointError(f"{where}: {str(e)[:200]}") from None
 
 
 # JSON key -> field name where they differ; the order is the order of meta.json.
@@ -178,8 +319,10 @@ class RunMeta(Mapping[str, Any]):
         """Read a ``meta.json`` document; :class:`CheckpointError` names what is wrong with it."""
         if not isinstance(doc, Mapping) or doc.get("format") != META_FORMAT:
             raise CheckpointError(f"{source}: not blockkey model metadata")
-        if doc.get("version") != META_VERSION:
+        if doc.get("version") != META_VERSION or isinstance(doc.get("version"), bool):
             raise CheckpointError(f"{source}: unsupported metadata version {doc.get('version')!r}")
+        check_schema(doc, META_SCHEMA, source, CheckpointError)
+        check_model_args(doc["model"], doc.get("model_kwargs") or {}, source)
         try:
             known = {f.name for f in fields(cls)} - {"extra"}
             values: dict[str, Any] = {k: v for k, v in doc.items() if k in known and v is not None}

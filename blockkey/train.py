@@ -10,7 +10,6 @@ depend only on ``(seed, epoch)``, reaches the same final weights as an uninterru
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -48,6 +47,7 @@ from .inner import (
     stored_state_dict,
     use_inner_key,
 )
+from .jsonio import read_json
 from .keys import KeySet
 from .meta import KeyInfo, RunMeta, key_info
 from .models import block_aligned, create_model, model_kwargs_for, patch_embedding
@@ -698,10 +698,9 @@ def _read_state(
 ) -> tuple[int, list[dict[str, Any]]]:
     """Load a state written by :func:`_save_state` into the loop's model, optimizer and weight average:
     (epochs done, history)."""
-    try:
-        state = json.loads((state_dir / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{state_dir}: cannot read the saved state ({e})") from None
+    state = read_json(state_dir / "state.json", CheckpointError, "saved state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_dir}: the saved state is not a JSON object")
     if isinstance(state.get("config"), dict):  # fields added since the state was written take their defaults
         state["config"] = asdict(TrainConfig()) | state["config"]
     for name, what in _IDENTITY_ERRORS.items():

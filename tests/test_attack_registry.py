@@ -48,7 +48,21 @@ def test_the_cli_subparser_offers_exactly_the_attacks_settings(name):
     spec = get_attack(name)
     cli = {f.name for f in dataclasses.fields(spec.settings) if "help" in f.metadata}
     args = build_parser().parse_args(["attack", name, "--model", "m", "--key", __file__])
-    common = {"model", "key", "data", "data_root", "sample", "plot", "device", "json", "command", "attack", "func"}
+    common = {
+        "model",
+        "key",
+        "data",
+        "data_root",
+        "sample",
+        "plot",
+        "force",
+        "device",
+        "json",
+        "command",
+        "attack",
+        "func",
+    }
+    common |= {"max_pixels"}  # blockkey --max-pixels
     assert set(vars(args)) - common - {"attack_spec"} == cli and args.attack_spec is spec
     assert settings_from_args(spec, args) == spec.settings()  # the CLI defaults are the settings' defaults
 

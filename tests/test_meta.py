@@ -82,8 +82,8 @@ def test_a_minimal_old_document_loads_with_the_documented_defaults():
     [
         ({"format": "other"}, "not blockkey model metadata"),
         ({"version": 2}, "unsupported metadata version 2"),
-        ({"image_shape": [3, 8]}, "incomplete or corrupt"),
-        ({"model": None}, "incomplete or corrupt"),
+        ({"image_shape": [3, 8]}, "image_shape must hold at least 3 items"),
+        ({"model": None}, "model must be a string; got None"),
     ],
 )
 def test_bad_documents_are_one_checkpoint_error(change, says):

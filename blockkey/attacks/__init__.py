@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data import Data, Normalize, make_loader
 from ..errors import BlockkeyError
+from ..fileio import atomic_path
 from ..inner import use_inner_key
 from ..keys import KeySet
 from ..meta import RunMeta
@@ -28,7 +29,20 @@ from ..passport import Passports
 from ..runtime import predict_accuracy
 from ..transforms import KeyedTransform
 
-__all__ = ["AttackReport", "Target", "accuracy", "make_report"]
+__all__ = ["AttackReport", "Target", "accuracy", "check_counts", "make_report"]
+
+
+def check_counts(option: str, counts: int | list[int], available: int, what: str) -> None:
+    """The one rule for counts of images (or pairs) an attack draws from its data: a count above what the data
+    holds is refused in one line (:class:`~blockkey.errors.OptionError`), never silently lowered."""
+    from ..errors import OptionError
+
+    values = [counts] if isinstance(counts, int) else list(counts)
+    over = [n for n in values if n > available]
+    if over:
+        raise OptionError(
+            f"{option} {max(over)} is more than the {available} {what} the data holds; give at most {available}"
+        )
 
 
 @dataclass
@@ -129,8 +143,11 @@ class AttackReport:
             lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    def plot(self, path: str | os.PathLike[str], x: str, y: str = "attacker_accuracy") -> None:
-        """Attacker accuracy against ``x`` (e.g. the data fraction), key holder and chance as lines."""
+    def plot(
+        self, path: str | os.PathLike[str], x: str, y: str = "attacker_accuracy", *, overwrite: bool = False
+    ) -> None:
+        """Attacker accuracy against ``x`` (e.g. the data fraction), key holder and chance as lines; written
+        atomically, an existing file replaced only with ``overwrite``."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -154,8 +171,11 @@ class AttackReport:
         ax.set_title(f"{self.attack}: {self.model}, {'+'.join(self.recipe)}", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        try:
+            with atomic_path(path, overwrite=overwrite) as tmp:
+                fig.savefig(tmp)
+        finally:
+            plt.close(fig)
 
 
 def make_report(target: Target, attack: str, rows: list[dict[str, Any]], started: float) -> AttackReport:

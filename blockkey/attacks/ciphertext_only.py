@@ -35,7 +35,7 @@ from ..data import ImageTensors
 from ..functional import FFX_MAX, PIXEL_MAX, BlockPlan, compile_block_plan, to_blocks
 from ..runtime import autocast, normalise
 from ..transforms import KeyedTransform
-from . import AttackReport, Target, accuracy, make_report
+from . import AttackReport, Target, accuracy, check_counts, make_report
 from .known_plaintext import key_agreement
 from .matching import corr as _corr
 from .matching import dihedral as _dihedral
@@ -158,6 +158,8 @@ def ciphertext_only_attack(
     key = target.keyset
     transform = KeyedTransform(key)
     true_plan = compile_block_plan(key)
+    check_counts("--images", counts, len(train) - 1, "attack-pool images (one is kept as a plain image)")
+    plain_images = min(plain_images, len(train) - max(counts))  # the plain images are the others
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train), generator=g)
     plain = ImageTensors(train.images[order[:plain_images]], train.labels[order[:plain_images]], train.classes)
@@ -174,6 +176,7 @@ def ciphertext_only_attack(
             {
                 "setting": f"{n} transformed images",
                 "images": n,
+                "plain_images": plain_images,
                 "attacker_accuracy": accuracy(target, KeyedTransform(plan)),
                 **key_agreement(plan, true_plan),
                 "best_candidate_source_fraction": best_possible,

@@ -35,7 +35,7 @@ from ..functional import BlockPlan
 from ..inner import ChannelKey, set_points, view_points
 from ..keys import KeySet
 from ..transforms import KeyedTransform
-from . import AttackReport, Target, make_report
+from . import AttackReport, Target, check_counts, make_report
 from ._inner import channel_fraction, inner_view, input_key, recovered_accuracy
 from .registry import AttackData, AttackSpec, option, register_attack
 
@@ -259,6 +259,7 @@ def inner_align_attack(
     Rows: the share of channels whose source and sign came out right over all points, and the stolen
     model's accuracy with the recovered inner key.
     """
+    check_counts("--images", images, len(data), "attack-pool images")
     outer = input_key(target, "inner-align")
     started = time.perf_counter()
     view = inner_view(target)

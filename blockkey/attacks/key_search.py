@@ -24,7 +24,7 @@ from ..keys import FFX, KeySet, NegPos, Shuffle
 from ..runtime import autocast, normalise
 from ..steps import KeyStep
 from ..transforms import KeyedTransform
-from . import AttackReport, Target, accuracy, make_report
+from . import AttackReport, Target, accuracy, check_counts, make_report
 from .known_plaintext import key_agreement
 from .registry import AttackData, AttackSpec, option, register_attack, seed_option
 
@@ -51,7 +51,8 @@ class _Scorer:
 
 
 def _batch(train: Data, size: int, seed: int) -> ImageTensors:
-    sub = stratified_subset(train, min(size, len(train)), seed)
+    check_counts("--batch", size, len(train), "attack-pool images")
+    sub = stratified_subset(train, size, seed)
     assert isinstance(sub, ImageTensors)
     return sub
 

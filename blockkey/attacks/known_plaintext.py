@@ -25,7 +25,7 @@ from ..data import DataError, ImageTensors
 from ..errors import ShapeError
 from ..functional import FFX_MAX, PIXEL_MAX, BlockPlan, compile_block_plan, to_blocks
 from ..transforms import KeyedTransform
-from . import AttackReport, Target, accuracy, make_report
+from . import AttackReport, Target, accuracy, check_counts, make_report
 from .registry import AttackData, AttackSpec, option, register_attack, seed_option
 
 __all__ = ["KnownPlaintextSettings", "key_agreement", "known_plaintext_attack", "recover_key"]
@@ -123,6 +123,7 @@ def known_plaintext_attack(
     source = data if data is not None else target.val
     if not isinstance(source, ImageTensors):
         raise DataError("known-plaintext pairs need the images in memory, not a streamed folder")
+    check_counts("--pairs", pairs, len(source), "evaluation images" if data is None else "attack-pool images")
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(source), generator=g)
     rows = []
