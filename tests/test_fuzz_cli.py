@@ -328,6 +328,7 @@ SUCCEEDS: dict[str, list[str]] = {
     "attack key-search": ["attack", "key-search", *_RUN, "--keys", "1", "--iterations", "2", "--batch", "8"],
     "attack known-plaintext": ["attack", "known-plaintext", *_RUN, "--pairs", "1", "--plot", f"{OUT}p.png"],
     "attack random-keys": ["attack", "random-keys", *_RUN, "--keys", "2", "--batch", "8"],
+    "attack reference-match": ["attack", "reference-match", *_INNER, "--reference", "@W@/inner_run/model.safetensors"],
     "attack table-order": [],  # needs an ffx-all tablenet run: tests/test_table_order.py runs it
     "attack weights-only": ["attack", "weights-only", *_RUN, "--reference", "@W@/plain_run"],
 }
