@@ -13,7 +13,8 @@ protected / non-protected (target: at most 1.03).
 Then, for each of ``--inner-models`` (default fullnet and resnet18_cifar), the inner key: the same keyed
 batch through the plain network, through the network as ``fit`` trains it with an inner key (the key folded
 into the weights, :func:`blockkey.inner.use_inner_key`; target: ratio at most 1.02 for a step, 1.01 for
-inference), and through version 0.1's keyed points (a gather at every point, :func:`with_keyed_points`).
+inference), and through version 0.1's keyed points (a gather at every point, :func:`with_keyed_points`);
+a second plain network of the same seed, timed in the same rounds, gives the noise floor (A/A ratio).
 
     python benchmarks/overhead.py [--model fastnet] [--batch 256] [--rounds 5] [--json out.json]
 """
@@ -139,11 +140,12 @@ def main(argv: list[str] | None = None) -> None:
             f"\n# inner key ({args.recipe},inner), batch {args.inner_batch}, amp {amp}: "
             "plain network vs folded vs 0.1's gathers"
         )
-        print(f"{'model':<16}{'phase':<12}{'plain':>11}{'folded':>11}{'ratio':>8}{'gathers':>11}{'ratio':>8}")
+        print(f"{'model':<16}{'phase':<12}{'plain':>11}{'A/A':>7}{'folded':>11}{'ratio':>8}{'gathers':>11}{'ratio':>8}")
         for name, phases in inner.items():
             for phase, r in phases.items():
                 print(
-                    f"{name:<16}{phase:<12}{r['plain_ms']:>8.1f} ms{r['folded_ms']:>8.1f} ms{r['folded_ratio']:>8.3f}"
+                    f"{name:<16}{phase:<12}{r['plain_ms']:>8.1f} ms{r['plain_again_ratio']:>7.3f}"
+                    f"{r['folded_ms']:>8.1f} ms{r['folded_ratio']:>8.3f}"
                     f"{r['gathers_ms']:>8.1f} ms{r['gathers_ratio']:>8.3f}"
                 )
     if args.json:
@@ -172,7 +174,7 @@ def inner_overhead(args, device, amp: str) -> dict:
     for name in filter(None, args.inner_models.split(",")):
         kwargs = model_kwargs_for(name, key, (3, args.size, args.size))
         nets = {}
-        for which in ("plain", "folded", "gathers"):
+        for which in ("plain", "plain again", "folded", "gathers"):  # "plain again": the noise floor (A/A)
             torch.manual_seed(0)
             net = create_model(name, 10, **kwargs)
             if which == "folded":
@@ -185,6 +187,7 @@ def inner_overhead(args, device, amp: str) -> dict:
             med = interleaved({w: fns[i] for w, fns in nets.items()}, args.rounds, args.min_time)
             out[name][phase] = {
                 "plain_ms": 1e3 * med["plain"],
+                "plain_again_ratio": med["plain again"] / med["plain"],
                 "folded_ms": 1e3 * med["folded"],
                 "gathers_ms": 1e3 * med["gathers"],
                 "folded_ratio": med["folded"] / med["plain"],

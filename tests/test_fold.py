@@ -363,3 +363,17 @@ def test_fit_gives_a_block_aligned_model_the_keys_block_size(tmp_path):
     cfg = TrainConfig(model="patchnet", model_kwargs={"width": 0.25}, epochs=1, batch_size=4, amp="off")
     meta = fit(colour_data(4, size=8), None, rand_key("shuffle", 2), cfg, tmp_path / "r", progress=False, log=print)
     assert meta.model_kwargs == {"width": 0.25, "patch": 2}
+
+
+@pytest.mark.parametrize("name", ["fullnet", "resnet18_cifar"])
+def test_the_folded_network_runs_the_plain_networks_operations(name):
+    """No op on the hot path: the traced graph of the key holder's network is the plain network's."""
+    plain = build(name)
+    folded = use_inner_key(copy.deepcopy(plain), KEY)
+
+    def graph(m: torch.nn.Module) -> str:
+        return str(torch.export.export(m, (X[:1],)).graph)
+
+    assert graph(plain) == graph(folded) and "index_select" not in graph(folded)
+    view = set_points(with_keyed_points(plain), KEY)  # 0.1's path: a gather at every point
+    assert "index_select" in graph(view)

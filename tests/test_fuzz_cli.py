@@ -62,9 +62,9 @@ def _digest(root: Path) -> dict[str, str]:
     }
 
 
-def _train(data, key, out, model="fastnet", kwargs=None):
+def _train(data, key, out, model="fastnet", kwargs=None, norm="position"):
     kwargs = {"width": 0.25} if kwargs is None else kwargs
-    cfg = TrainConfig(model=model, model_kwargs=kwargs, epochs=1, batch_size=8, lr=0.05, amp="off")
+    cfg = TrainConfig(model=model, model_kwargs=kwargs, epochs=1, batch_size=8, lr=0.05, amp="off", norm=norm)
     fit(data, None, key, cfg, out, progress=False, log=lambda s: None, data_info={"source": str(out.parent / "ds")})
 
 
@@ -129,6 +129,9 @@ def _hostile(w: Path, data, key) -> None:
     inner_key = with_inner(rand_key("shuffle", 4, seed=3))
     inner_key.save(w / "inner.json")
     _train(data, inner_key, w / "inner_run", "patchnet", {"patch": 4, "inner": True, "width": 0.25})
+    table_key = rand_key("shuffle,negpos,ffx-all", 4, seed=6)  # table-order's target: a shared-table stem
+    table_key.save(w / "table.json")
+    _train(data, table_key, w / "table_run", "tablenet_shared", {"patch": 4, "width": 0.25}, norm="none")
 
 
 def _pool(w: Path) -> dict[str, list[str]]:
@@ -323,13 +326,22 @@ SUCCEEDS: dict[str, list[str]] = {
     "export": ["export", "--model", "@W@/key_run", "--key", "@W@/key.json", "-o", f"{OUT}m.onnx"],
     "attack adapter": ["attack", "adapter", *_RUN, "--fractions", "1.0", "--epochs", "1"],
     "attack ciphertext-only": ["attack", "ciphertext-only", *_RUN, "--images", "4"],
-    "attack fine-tune": [],  # needs more images than the fuzz world's 18 (one batch of 16): tests/test_attacks.py
+    "attack fine-tune": ["attack", "fine-tune", *_RUN, "--fractions", "1.0", "--epochs", "1", "-o", f"{OUT}f"],
     "attack inner-align": ["attack", "inner-align", *_INNER, "--images", "6", "--seconds-per-point", "0.1"],
     "attack key-search": ["attack", "key-search", *_RUN, "--keys", "1", "--iterations", "2", "--batch", "8"],
     "attack known-plaintext": ["attack", "known-plaintext", *_RUN, "--pairs", "1", "--plot", f"{OUT}p.png"],
     "attack random-keys": ["attack", "random-keys", *_RUN, "--keys", "2", "--batch", "8"],
     "attack reference-match": ["attack", "reference-match", *_INNER, "--reference", "@W@/inner_run/model.safetensors"],
-    "attack table-order": [],  # needs an ffx-all tablenet run: tests/test_table_order.py runs it
+    "attack table-order": [
+        "attack",
+        "table-order",
+        "--model",
+        "@W@/table_run",
+        "--key",
+        "@W@/table.json",
+        "--device",
+        "cpu",
+    ],
     "attack weights-only": ["attack", "weights-only", *_RUN, "--reference", "@W@/plain_run"],
 }
 

@@ -86,7 +86,7 @@ def finetune_attack(
     for frac in fractions:
         n = max(len(train.classes), round(frac * len(train)))
         subset = stratified_subset(train, n, seed)
-        batch = min(256, max(16, n // 8))
+        batch = min(n, 256, max(16, n // 8))  # never more than the images (a tiny share trains in one batch)
         runs: list[tuple[str, float, dict[str, Any]]] = [
             (f"fine-tune {mode}", rate, {"init_from": str(stolen_run), "train_layers": mode})
             for mode in layers
