@@ -546,8 +546,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1 or args.batch_size < 1:
         raise BlockkeyError(f"--top-k and --batch-size take positive counts; got {args.top_k}, {args.batch_size}")
-    if args.csv:
-        refuse_existing(args.csv, args.force)
     predictor = Predictor(
         args.model, args.key, passports=args.passport, device=args.device, batch_size=args.batch_size, tta=args.tta
     )

@@ -76,7 +76,7 @@ class Target:
 
     @property
     def amp(self) -> str:
-        """The run's autocast mode, resolved (``auto`` -> ``bf16``)."""
+        """The run's autocast mode, resolved here (``auto``: bf16 where this CPU has it natively, else off)."""
         return self.meta.amp
 
 
@@ -85,8 +85,9 @@ def accuracy(
 ) -> float:
     """Accuracy of the stolen model on ``data`` (default: the evaluation images) seen through ``transform``.
 
-    The model's keyed points (:mod:`blockkey.inner`) are set from the transform's key (identity without an
-    inner part), unless ``keep_inner``: then they stay as they are (e.g. as an attack recovered them).
+    The model's weights are relabelled for the transform's inner key (:func:`blockkey.inner.use_inner_key`;
+    the stored form without one), unless ``keep_inner``: then the model stays as it is (e.g. a keyed-point
+    view whose points an attack set).
     """
     data = data if data is not None else target.val
     if not keep_inner:
